@@ -1,0 +1,1 @@
+"""Checkpoint conversion: other projects' formats in, MLX model folders out, and back."""

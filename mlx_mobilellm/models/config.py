@@ -1,0 +1,138 @@
+"""MobileLLMConfig: the architecture hyperparameters, and the named presets.
+
+The first twelve fields are the CheaperTraining seed's, with its defaults. The rest describe
+what real checkpoints need beyond it; their defaults keep the seed's meaning (a MobileLLM-R1
+style model: interleaved RoPE on every layer, weightless QK-norm, tied embeddings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Stored in config.json so that a folder written by us is never mistaken for a Hugging Face one.
+MODEL_TYPE = "mlx_mobilellm"
+
+
+@dataclass
+class MobileLLMConfig:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    hidden_dim: int
+    vocab_size: int = 128256
+    max_seq_len: int = 32768
+    rope_base: float = 500000.0
+    use_qk_norm: bool = True
+    tie_word_embeddings: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+
+    # Beyond the seed.
+    head_dim: Optional[int] = None
+    """Width of one attention head; None means embed_dim // num_heads."""
+    rope_traditional: bool = True
+    """True rotates interleaved pairs (MobileLLM-R1, GGUF); False rotates halves (HF Llama)."""
+    rope_scaling: Optional[dict] = None
+    """None, {"rope_type": "linear", "factor": f} or Llama-3's {"rope_type": "llama3", ...}."""
+    qk_norm_weight: bool = False
+    """False: QK-norm is a weightless RMS norm per head (MobileLLM-R1). True: it has weights."""
+    nope_layers: list = field(default_factory=list)
+    """Indices of layers without RoPE (and without QK-norm), as in Llama 4's NoPE layers."""
+    attention_chunk_size: Optional[int] = None
+    """RoPE layers attend only within aligned chunks of this many tokens (Llama 4)."""
+    attn_temperature_tuning: bool = False
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    """Llama 4's query temperature on NoPE layers: 1 + attn_scale * log1p(floor((p+1)/floor_scale))."""
+    layer_sharing: bool = False
+    """Original MobileLLM's immediate block-wise sharing: every block runs twice in a row."""
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None
+    """An id or a list of ids; generation stops a row at any of them."""
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_heads", "num_kv_heads", "embed_dim", "hidden_dim",
+                     "vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"MobileLLMConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None and self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); "
+                "change one of them or set head_dim explicitly"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) is not divisible by num_kv_heads "
+                f"({self.num_kv_heads}): each KV head must serve the same number of query heads"
+            )
+        if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
+            raise ValueError(f"head_dim must be a positive even number, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        self.nope_layers = sorted(int(i) for i in self.nope_layers)
+        bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"nope_layers {bad} are outside 0..{self.num_layers - 1}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.embed_dim // self.num_heads
+
+    @property
+    def eos_token_ids(self) -> list:
+        if self.eos_token_id is None:
+            return []
+        if isinstance(self.eos_token_id, int):
+            return [self.eos_token_id]
+        return list(self.eos_token_id)
+
+    def to_dict(self) -> dict:
+        """The config.json form: every field, plus model_type."""
+        return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MobileLLMConfig":
+        """Inverse of to_dict. Unknown keys are an error: a typo must not silently fall back."""
+        values = {k: v for k, v in values.items() if k != "model_type"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MobileLLMConfig field(s): {', '.join(unknown)}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ValueError(f"config is missing required field(s): {', '.join(missing)}")
+        return cls(**values)
+
+
+# MobileLLM-R1's sizes (KV heads and FFN widths from the released checkpoints) and
+# Llama-like shapes for the large names. "671b" is a dense stand-in with the parameter count
+# of the MoE model of that name: a dense SwiGLU whose width makes the total come out right.
+_PRESETS = {
+    "140m": dict(num_layers=15, num_heads=9, num_kv_heads=3, embed_dim=576, hidden_dim=2048),
+    "360m": dict(num_layers=15, num_heads=16, num_kv_heads=4, embed_dim=1024, hidden_dim=4096),
+    "950m": dict(num_layers=22, num_heads=24, num_kv_heads=6, embed_dim=1536, hidden_dim=6144),
+    "7b": dict(num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096, hidden_dim=14336),
+    "70b": dict(num_layers=80, num_heads=64, num_kv_heads=8, embed_dim=8192, hidden_dim=28672),
+    "671b": dict(num_layers=61, num_heads=128, num_kv_heads=128, embed_dim=7168,
+                 hidden_dim=501760),
+}
+
+# MobileLLM-R1's tokenizer (Llama 3): <|begin_of_text|>, <|end_of_text|>.
+_R1_SPECIAL_TOKENS = dict(bos_token_id=128000, eos_token_id=128001)
+
+
+def get_mobilellm_config(name: str) -> MobileLLMConfig:
+    """The preset of that name ("140m", "360m", "950m", "7b", "70b", "671b"; any case)."""
+    preset = _PRESETS.get(str(name).strip().lower())
+    if preset is None:
+        raise ValueError(f"unknown MobileLLM config {name!r}; valid names: {', '.join(_PRESETS)}")
+    return MobileLLMConfig(**preset, **_R1_SPECIAL_TOKENS)

@@ -1,0 +1,154 @@
+"""MobileLLM: token embedding, the decoder stack, and the language-model head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..cache import KVCache
+from ..sampling import sample
+from .config import MobileLLMConfig
+from .transformer import TransformerDecoder
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    loss: Optional[mx.array]
+    """Mean cross-entropy over the counted (label != -100) tokens; None without labels."""
+    logits: mx.array
+    """(batch, seq, vocab) next-token scores, in the model's dtype."""
+    hidden_states: mx.array
+    """(batch, seq, embed_dim): the last block's output after the final norm, i.e. exactly
+    what the head reads (Hugging Face's hidden_states[-1])."""
+
+
+def _as_ids(values) -> mx.array:
+    """Token ids from an mx array, a numpy array or nested lists, as a (batch, seq) array."""
+    ids = values if isinstance(values, mx.array) else mx.array(values)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
+    return ids.astype(mx.int32)
+
+
+def causal_lm_loss(logits: mx.array, labels: mx.array) -> mx.array:
+    """Hugging Face's causal LM loss: position t predicts labels[t + 1]; -100 is not counted."""
+    targets = labels[:, 1:]
+    counted = targets != IGNORE_INDEX
+    losses = nn.losses.cross_entropy(
+        logits[:, :-1].astype(mx.float32), mx.where(counted, targets, 0), reduction="none"
+    )
+    return (losses * counted).sum() / mx.maximum(counted.sum(), 1)
+
+
+class MobileLLM(nn.Module):
+    """The MobileLLM causal language model.
+
+    Parameter names (a PyTorch state dict with the same names converts 1:1):
+    embed_tokens.weight, decoder.layers.N.{attention_norm,ffn_norm}.weight,
+    decoder.layers.N.attention.{q,k,v,o}_proj.weight, decoder.layers.N.ffn.{gate,up,down}_proj.weight,
+    decoder.layers.N.attention.{q,k}_norm.weight (weighted QK-norm only), decoder.norm.weight,
+    lm_head.weight (untied embeddings only).
+    """
+
+    def __init__(self, config: MobileLLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.decoder = TransformerDecoder(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+
+    def logits(self, hidden_states: mx.array) -> mx.array:
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.as_linear(hidden_states)
+        return self.lm_head(hidden_states)
+
+    def __call__(self, input_ids, attention_mask=None, labels=None,
+                 cache: Optional[list] = None) -> ModelOutput:
+        """forward(input_ids, attention_mask=None, labels=None) as in the seed.
+
+        attention_mask: (batch, seq) with 1 for tokens and 0 for padding (left padding for
+        generation); with a cache it covers the cached positions too.
+        """
+        ids = _as_ids(input_ids)
+        mask = None if attention_mask is None else _as_ids(attention_mask)
+        offset = cache[0].offset if cache else 0
+        if offset + ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {offset + ids.shape[1]} tokens exceeds max_seq_len "
+                             f"({self.config.max_seq_len})")
+        hidden = self.decoder(self.embed_tokens(ids), mask, cache)
+        logits = self.logits(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, _as_ids(labels))
+        return ModelOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+    forward = __call__
+
+    def make_cache(self) -> list:
+        return [KVCache() for _ in range(self.config.num_layers * self.decoder.calls_per_block)]
+
+    def num_parameters(self) -> int:
+        """Total parameter count. Reads shapes only: no weight is materialised."""
+        return sum(p.size for _, p in tree_flatten(self.parameters()))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.decoder.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.decoder.gradient_checkpointing = False
+
+    def generate(self, input_ids, max_new_tokens: int = 100, temperature: float = 1.0,
+                 top_p: float = 0.9, *, attention_mask=None,
+                 eos_token_id: Union[None, int, Sequence[int]] = None,
+                 pad_token_id: Optional[int] = None, seed: Optional[int] = None) -> mx.array:
+        """Sample up to max_new_tokens after each row of input_ids, with a KV cache.
+
+        Returns (batch, prompt_len + new) ids: the prompt followed by the new tokens, as
+        transformers' generate does for decoder-only models. Rows of different lengths are
+        left-padded, with attention_mask marking the padding. A row that emits an EOS id
+        (eos_token_id, else the config's) is finished: later positions hold pad_token_id
+        (else the config's, else the first EOS id); generation ends when all rows finish.
+        temperature=0 is greedy; seed makes sampling reproducible.
+        """
+        ids = _as_ids(input_ids)
+        batch, prompt_len = ids.shape
+        if eos_token_id is None:
+            eos_ids = self.config.eos_token_ids
+        else:
+            eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = eos_ids[0] if eos_ids else 0
+        max_new_tokens = min(max_new_tokens, self.config.max_seq_len - prompt_len)
+        padding = None if attention_mask is None else _as_ids(attention_mask)
+        keys = mx.random.split(mx.random.key(seed), max(max_new_tokens, 1)) if seed is not None else None
+        eos = mx.array(eos_ids or [-1], dtype=mx.int32)
+
+        cache = self.make_cache()
+        step_input = ids
+        finished = mx.zeros((batch,), dtype=mx.bool_)
+        generated = []
+        for step in range(max_new_tokens):
+            hidden = self.decoder(self.embed_tokens(step_input), padding, cache)
+            next_logits = self.logits(hidden[:, -1])
+            token = sample(next_logits, temperature, top_p, None if keys is None else keys[step])
+            token = mx.where(finished, pad_token_id, token).astype(mx.int32)
+            generated.append(token)
+            finished = finished | (token[:, None] == eos[None]).any(axis=1)
+            if finished.all().item():
+                break
+            step_input = token[:, None]
+            if padding is not None:
+                padding = mx.concatenate([padding, mx.ones((batch, 1), mx.int32)], axis=1)
+        if not generated:
+            return ids
+        return mx.concatenate([ids, mx.stack(generated, axis=1)], axis=1)

@@ -1,0 +1,80 @@
+"""The decoder stack: pre-norm residual blocks and the final norm."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.utils import checkpoint
+
+from .attention import FeedForward, Mask, MultiHeadAttention, RMSNorm
+from .config import MobileLLMConfig
+from .masks import causal_mask
+
+
+class TransformerBlock(nn.Module):
+    """x + attention(norm(x)), then x + ffn(norm(x)); dropout on each branch in training."""
+
+    def __init__(self, config: MobileLLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.uses_rope = layer_idx not in config.nope_layers
+        self.attention_norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.attention = MultiHeadAttention(
+            config.embed_dim, config.num_heads, config.num_kv_heads,
+            use_qk_norm=config.use_qk_norm, rope_base=config.rope_base,
+            max_seq_len=config.max_seq_len, head_dim=config.dim_per_head,
+            use_rope=self.uses_rope, rope_traditional=config.rope_traditional,
+            rope_scaling=config.rope_scaling, qk_norm_weight=config.qk_norm_weight,
+            norm_eps=config.norm_eps, attn_temperature_tuning=config.attn_temperature_tuning,
+            attn_scale=config.attn_scale, floor_scale=config.floor_scale,
+        )
+        self.ffn_norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.ffn = FeedForward(config.embed_dim, config.hidden_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def __call__(self, x: mx.array, attention_mask: Mask = "causal", cache=None) -> mx.array:
+        h = x + self.dropout(self.attention(self.attention_norm(x), attention_mask, cache))
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+
+
+class TransformerDecoder(nn.Module):
+    """The blocks and the final RMSNorm; causal by construction.
+
+    attention_mask is a (batch, seq) padding mask (1 = real token, 0 = padding) covering the
+    cached positions too, or None; the causal (and, for Llama 4 RoPE layers, chunked) masks
+    are built here. cache is a list from MobileLLM.make_cache(), one entry per block call.
+    """
+
+    def __init__(self, config: MobileLLMConfig):
+        super().__init__()
+        self.config = config
+        self.layers = [TransformerBlock(config, i) for i in range(config.num_layers)]
+        self.norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.gradient_checkpointing = False
+
+    @property
+    def calls_per_block(self) -> int:
+        # Original MobileLLM's layer sharing runs each block twice in a row; each run is a
+        # separate position in the depth, with its own KV cache.
+        return 2 if self.config.layer_sharing else 1
+
+    def __call__(self, hidden_states: mx.array, attention_mask: Optional[mx.array] = None,
+                 cache: Optional[list] = None) -> mx.array:
+        length = hidden_states.shape[1]
+        offset = cache[0].offset if cache else 0
+        full = causal_mask(length, offset, attention_mask)
+        chunk = self.config.attention_chunk_size
+        chunked = causal_mask(length, offset, attention_mask, chunk) if chunk else full
+
+        h = hidden_states
+        for i, block in enumerate(self.layers):
+            mask = chunked if block.uses_rope else full
+            # Checkpointing recomputes the block in the backward pass; a cache would be
+            # written twice, and inference has no backward pass anyway.
+            run = checkpoint(block) if self.gradient_checkpointing and cache is None else block
+            for repeat in range(self.calls_per_block):
+                layer_cache = cache[i * self.calls_per_block + repeat] if cache else None
+                h = run(h, mask, layer_cache)
+        return self.norm(h)
