@@ -32,7 +32,9 @@ def _refuse_biases(hf: dict, where: str) -> None:
             raise CheckpointError(f"{where}: '{field}: true' is not supported (MobileLLM has no biases)")
 
 
-def _common(hf: dict, where: str) -> dict:
+def _common(hf: dict, where: str, defaults: dict) -> dict:
+    """Fields both architectures share. `defaults` holds transformers' own defaults for the
+    fields a config.json may omit, which differ between the two config classes."""
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     _refuse_biases(hf, where)
@@ -43,9 +45,9 @@ def _common(hf: dict, where: str) -> dict:
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         embed_dim=_require(hf, "hidden_size", where),
-        max_seq_len=hf.get("max_position_embeddings", 32768),
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
-        head_dim=hf.get("head_dim"),
+        max_seq_len=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
+        norm_eps=hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
+        head_dim=hf.get("head_dim", defaults["head_dim"]),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
@@ -64,7 +66,7 @@ def _llama4_text(hf: dict, where: str) -> dict:
     uses_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
     base, scaling = _rope(hf, 500000.0)
     return dict(
-        _common(hf, where),
+        _common(hf, where, dict(max_position_embeddings=131072, rms_norm_eps=1e-5, head_dim=128)),
         hidden_dim=_require(hf, "intermediate_size_mlp", where),
         rope_base=base, rope_scaling=scaling, rope_traditional=True,
         use_qk_norm=hf.get("use_qk_norm", True),
@@ -80,7 +82,7 @@ def _llama4_text(hf: dict, where: str) -> dict:
 def _llama(hf: dict, where: str) -> dict:
     base, scaling = _rope(hf, 10000.0)
     return dict(
-        _common(hf, where),
+        _common(hf, where, dict(max_position_embeddings=2048, rms_norm_eps=1e-6, head_dim=None)),
         hidden_dim=_require(hf, "intermediate_size", where),
         rope_base=base, rope_scaling=scaling, rope_traditional=False,
         use_qk_norm=False,

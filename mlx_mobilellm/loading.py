@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -15,26 +15,33 @@ from .models.mobilellm import MobileLLM
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def check_weights(model: MobileLLM, weights: dict, where: str) -> None:
-    """Every parameter present with its shape, and nothing else; errors name the tensor."""
+def _same_name(name: str) -> str:
+    return name
+
+
+def check_weights(model: MobileLLM, weights: dict, where: str,
+                  source_name: Callable[[str], str] = _same_name) -> None:
+    """Every parameter present with its shape, and nothing else. Errors name the tensor as the
+    user's checkpoint does (source_name maps our names to the checkpoint's)."""
     expected = dict(tree_flatten(model.parameters()))
     for name, array in weights.items():
         if name not in expected:
-            raise CheckpointError(f"{where}: unexpected tensor '{name}'")
+            raise CheckpointError(f"{where}: unexpected tensor '{source_name(name)}'")
         if tuple(array.shape) != tuple(expected[name].shape):
             raise CheckpointError(
-                f"{where}: tensor '{name}' has shape {tuple(array.shape)} but the config needs "
-                f"{tuple(expected[name].shape)}; the config.json does not match the weights")
-    missing = sorted(set(expected) - set(weights))
+                f"{where}: tensor '{source_name(name)}' has shape {tuple(array.shape)} but the "
+                f"config needs {tuple(expected[name].shape)}; config.json does not match the weights")
+    missing = [source_name(name) for name in sorted(set(expected) - set(weights))]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{more}")
 
 
 def build_model(config: MobileLLMConfig, weights: dict, where: str,
-                dtype: Optional[str] = None) -> MobileLLM:
+                dtype: Optional[str] = None,
+                source_name: Callable[[str], str] = _same_name) -> MobileLLM:
     model = MobileLLM(config)
-    check_weights(model, weights, where)
+    check_weights(model, weights, where, source_name)
     if dtype is not None:
         weights = {name: array.astype(DTYPES[dtype]) for name, array in weights.items()}
     model.load_weights(list(weights.items()))
@@ -55,6 +62,7 @@ def load(path, dtype: Optional[str] = None) -> Tuple[MobileLLM, None]:
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     from convert.huggingface import read_hf_checkpoint, read_json
+    from convert.names import from_ours
     from convert.safetensors_files import read_tensors, safetensors_files
 
     raw = read_json(folder / "config.json")
@@ -64,6 +72,7 @@ def load(path, dtype: Optional[str] = None) -> Tuple[MobileLLM, None]:
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
         weights = {name: array for name, array, _ in read_tensors(safetensors_files(folder))}
-    else:
-        config, _, weights = read_hf_checkpoint(folder)
-    return build_model(config, weights, str(folder), dtype), None
+        return build_model(config, weights, str(folder), dtype), None
+    config, source, weights = read_hf_checkpoint(folder)
+    return build_model(config, weights, str(folder), dtype,
+                       lambda name: from_ours(name, source) or name), None

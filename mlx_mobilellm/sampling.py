@@ -14,7 +14,9 @@ def top_p_filter(logits: mx.array, top_p: float) -> mx.array:
     sorted_logits = mx.take_along_axis(logits, order, axis=-1)
     probs = mx.softmax(sorted_logits.astype(mx.float32), axis=-1)
     mass_before = mx.cumsum(probs, axis=-1) - probs
-    sorted_kept = mx.where(mass_before < top_p, sorted_logits, -mx.inf)
+    keep = mass_before < top_p
+    keep[..., 0] = True
+    sorted_kept = mx.where(keep, sorted_logits, -mx.inf)
     # Scatter back to vocabulary order: the inverse permutation of `order`.
     return mx.take_along_axis(sorted_kept, mx.argsort(order, axis=-1), axis=-1)
 

@@ -31,6 +31,9 @@ class MultiHeadAttention(nn.Module):
     attention_mask: None attends everywhere; "causal"; a boolean array (True = may attend) or
     an additive float array, broadcastable to (batch, heads, queries, keys). With a cache,
     keys are the cached ones followed by the new ones.
+
+    max_seq_len is accepted for the seed's signature; RoPE is computed on the fly by
+    mx.fast.rope, so no table of that length is built.
     """
 
     def __init__(
@@ -58,7 +61,6 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim or embed_dim // num_heads
-        self.max_seq_len = max_seq_len
         self.scale = self.head_dim ** -0.5
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=False)

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any, Optional
 
 # Stored in config.json so that a folder written by us is never mistaken for a Hugging Face one.
 MODEL_TYPE = "mlx_mobilellm"
+
+
+def as_id_list(ids) -> list:
+    """A token id or a sequence of them, as a list of ints."""
+    return [int(ids)] if isinstance(ids, Integral) else [int(i) for i in ids]
 
 
 @dataclass
@@ -70,8 +76,9 @@ class MobileLLMConfig:
                 f"num_heads ({self.num_heads}) is not divisible by num_kv_heads "
                 f"({self.num_kv_heads}): each KV head must serve the same number of query heads"
             )
-        if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
-            raise ValueError(f"head_dim must be a positive even number, got {self.head_dim}")
+        if self.dim_per_head <= 0 or self.dim_per_head % 2:
+            raise ValueError(f"the head width must be a positive even number (RoPE rotates pairs), "
+                             f"got {self.dim_per_head}; set head_dim or change embed_dim/num_heads")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0:
@@ -89,9 +96,7 @@ class MobileLLMConfig:
     def eos_token_ids(self) -> list:
         if self.eos_token_id is None:
             return []
-        if isinstance(self.eos_token_id, int):
-            return [self.eos_token_id]
-        return list(self.eos_token_id)
+        return as_id_list(self.eos_token_id)
 
     def to_dict(self) -> dict:
         """The config.json form: every field, plus model_type."""

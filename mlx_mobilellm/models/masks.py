@@ -24,11 +24,17 @@ def causal_mask(length: int, offset: int = 0, padding_mask: Optional[mx.array] =
     queries = mx.arange(offset, total)[:, None]
     keys = mx.arange(total)[None, :]
     allowed = keys <= queries
-    if chunked:
-        allowed = allowed & (keys // chunk_size == queries // chunk_size)
     if padding_mask is None:
+        if chunked:
+            allowed = allowed & (keys // chunk_size == queries // chunk_size)
         return allowed
     allowed = allowed[None] & padding_mask.astype(mx.bool_)[:, None, :]
+    if chunked:
+        # Chunks count from each row's first real token (as transformers does), not from the
+        # first padding slot: a left-padded row must attend exactly as it would unpadded.
+        position = mx.cumsum(padding_mask.astype(mx.int32), axis=1) - 1
+        chunk = position // chunk_size
+        allowed = allowed & (chunk[:, None, :] == chunk[:, offset:, None])
     # A padding query would see no key at all and its softmax would be NaN; letting it see
     # itself keeps every row finite. Real queries always see themselves, so nothing changes.
     allowed = allowed | (keys == queries)[None]

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from ..cache import KVCache
 from ..sampling import sample
-from .config import MobileLLMConfig
+from .config import MobileLLMConfig, as_id_list
 from .transformer import TransformerDecoder
 
 IGNORE_INDEX = -100
@@ -120,14 +120,14 @@ class MobileLLM(nn.Module):
         """
         ids = _as_ids(input_ids)
         batch, prompt_len = ids.shape
-        if eos_token_id is None:
-            eos_ids = self.config.eos_token_ids
-        else:
-            eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos_ids = self.config.eos_token_ids if eos_token_id is None else as_id_list(eos_token_id)
         if pad_token_id is None:
             pad_token_id = self.config.pad_token_id
         if pad_token_id is None:
             pad_token_id = eos_ids[0] if eos_ids else 0
+        if prompt_len >= self.config.max_seq_len:
+            raise ValueError(f"the prompt has {prompt_len} tokens; max_seq_len is "
+                             f"{self.config.max_seq_len}, so there is no room to generate")
         max_new_tokens = min(max_new_tokens, self.config.max_seq_len - prompt_len)
         padding = None if attention_mask is None else _as_ids(attention_mask)
         keys = mx.random.split(mx.random.key(seed), max(max_new_tokens, 1)) if seed is not None else None

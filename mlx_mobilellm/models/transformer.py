@@ -32,11 +32,23 @@ class TransformerBlock(nn.Module):
         )
         self.ffn_norm = RMSNorm(config.embed_dim, config.norm_eps)
         self.ffn = FeedForward(config.embed_dim, config.hidden_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout_p = config.dropout
 
-    def __call__(self, x: mx.array, attention_mask: Mask = "causal", cache=None) -> mx.array:
-        h = x + self.dropout(self.attention(self.attention_norm(x), attention_mask, cache))
-        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+    def _dropout(self, x: mx.array, key: Optional[mx.array]) -> mx.array:
+        if not self.training or self.dropout_p == 0:
+            return x
+        # No gradient flows into a key; saying so spares autodiff the random primitive.
+        key = None if key is None else mx.stop_gradient(key)
+        keep = mx.random.bernoulli(1 - self.dropout_p, x.shape, key=key)
+        return mx.where(keep, x / (1 - self.dropout_p), 0).astype(x.dtype)
+
+    def __call__(self, x: mx.array, attention_mask: Mask = "causal", cache=None,
+                 dropout_key: Optional[mx.array] = None) -> mx.array:
+        """dropout_key fixes the dropout masks (the checkpointed backward pass recomputes the
+        block and must draw the same ones); None draws from MLX's global generator."""
+        attn_key, ffn_key = mx.random.split(dropout_key) if dropout_key is not None else (None, None)
+        h = x + self._dropout(self.attention(self.attention_norm(x), attention_mask, cache), attn_key)
+        return h + self._dropout(self.ffn(self.ffn_norm(h)), ffn_key)
 
 
 class TransformerDecoder(nn.Module):
@@ -68,13 +80,21 @@ class TransformerDecoder(nn.Module):
         chunk = self.config.attention_chunk_size
         chunked = causal_mask(length, offset, attention_mask, chunk) if chunk else full
 
+        # Checkpointing recomputes each block in the backward pass; a cache would be written
+        # twice, and inference has no backward pass anyway.
+        checkpointing = self.gradient_checkpointing and cache is None
         h = hidden_states
         for i, block in enumerate(self.layers):
             mask = chunked if block.uses_rope else full
-            # Checkpointing recomputes the block in the backward pass; a cache would be
-            # written twice, and inference has no backward pass anyway.
-            run = checkpoint(block) if self.gradient_checkpointing and cache is None else block
+            run = checkpoint(block) if checkpointing else block
             for repeat in range(self.calls_per_block):
                 layer_cache = cache[i * self.calls_per_block + repeat] if cache else None
-                h = run(h, mask, layer_cache)
+                h = run(h, mask, layer_cache, self._dropout_key())
         return self.norm(h)
+
+    def _dropout_key(self) -> Optional[mx.array]:
+        # Drawn outside the (possibly checkpointed) block call, so that its recomputation in
+        # the backward pass reuses the same dropout masks.
+        if self.training and self.config.dropout > 0:
+            return mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        return None

@@ -1,0 +1,248 @@
+"""Forward and training-step throughput, and what gradient checkpointing saves: ours vs mlx-lm.
+
+Prints one JSON document to stdout (progress goes to stderr). mlx-lm runs the same weights:
+its llama4_text model (what MobileLLM-R1 is on Hugging Face) loaded from ours by name, and the
+script checks both give the same logits (fp32) before timing anything.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/forward.py
+    python benchmarks/forward.py --shapes ckpt-8x256 --repeats 1   # MLX's bundled BLAS: slow
+
+On Linux, MLX's CPU wheel bundles a reference BLAS; preloading OpenBLAS makes fp32 GEMM ~30x
+faster. bf16/fp16 matmuls on the CPU backend use no BLAS either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from convert.names import from_ours
+from mlx_mobilellm.models import MobileLLM, MobileLLMConfig, get_mobilellm_config
+
+# name: (config, batch, tokens per row)
+SHAPES = {
+    "ckpt-8x256": (lambda: MobileLLMConfig(num_layers=8, num_heads=8, num_kv_heads=2, embed_dim=256,
+                                           hidden_dim=1024, vocab_size=4096), 2, 1024),
+    "r1-140m": (lambda: get_mobilellm_config("140m"), 1, 256),
+}
+LOGITS_TOLERANCE = 1e-3  # max abs difference between our and mlx-lm's fp32 logits
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def attempt(fn: Callable):
+    """fn()'s result, or the error as a string (so one failure does not lose the other figures)."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 - recorded in the JSON, not hidden
+        log(f"  error: {error!r}")
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+@dataclass
+class Runner:
+    """One implementation, seen the same way by every measurement."""
+    model: nn.Module
+    logits: Callable  # ids -> (batch, seq, vocab)
+    loss: Callable  # ids -> scalar mean next-token cross-entropy
+    set_checkpointing: Callable  # bool -> None
+
+
+def ours_runner(model: MobileLLM) -> Runner:
+    def set_checkpointing(on):
+        model.enable_gradient_checkpointing() if on else model.disable_gradient_checkpointing()
+    return Runner(model, lambda ids: model(ids).logits, lambda ids: model(ids, labels=ids).loss,
+                  set_checkpointing)
+
+
+def mlx_lm_runner(config: MobileLLMConfig) -> Runner:
+    """mlx-lm's llama4_text model with our config; weights come from share_weights()."""
+    from mlx_lm.models import llama4_text
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    args = llama4_text.ModelArgs(
+        model_type="llama4_text", hidden_size=config.embed_dim, num_attention_heads=config.num_heads,
+        num_hidden_layers=config.num_layers, vocab_size=config.vocab_size,
+        intermediate_size=config.hidden_dim, intermediate_size_mlp=config.hidden_dim,
+        num_key_value_heads=config.num_kv_heads, rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_base, head_dim=config.dim_per_head,
+        tie_word_embeddings=config.tie_word_embeddings, use_qk_norm=config.use_qk_norm,
+        no_rope_layers=[int(i not in config.nope_layers) for i in range(config.num_layers)],
+    )
+    model = llama4_text.Model(args)
+    block = llama4_text.TransformerBlock
+    plain_call = getattr(block, "_plain_call", block.__call__)
+    block._plain_call = plain_call
+
+    def set_checkpointing(on):
+        # mlx-lm's trainer checkpoints by patching the block class itself.
+        block.__call__ = plain_call
+        if on:
+            grad_checkpoint(model.layers[0])
+
+    def loss(ids):
+        logits = model(ids)[:, :-1].astype(mx.float32)  # fp32 loss, as ours computes it
+        return nn.losses.cross_entropy(logits, ids[:, 1:]).mean()
+
+    return Runner(model, model, loss, set_checkpointing)
+
+
+def share_weights(ours: MobileLLM, theirs: nn.Module) -> None:
+    """Give mlx-lm's model our arrays (no copy), under Hugging Face names."""
+    weights = [(from_ours(name, "llama4_text"), w) for name, w in tree_flatten(ours.parameters())]
+    theirs.load_weights(weights, strict=True)
+
+
+def timed(fn: Callable, tokens: int, repeats: int) -> dict:
+    """Median tokens/s and peak memory of fn() over repeats, after one warm-up call, and the
+    memory held before each run (weights, inputs). fn()'s result is dropped at once, so one
+    run's outputs are freed before the next starts."""
+    fn()
+    resident = mx.get_active_memory()
+    times, peak = [], 0
+    for _ in range(repeats):
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        peak = max(peak, mx.get_peak_memory())
+    return {"tokens_per_s": round(tokens / statistics.median(times), 1),
+            "peak_memory_mb": round(peak / 2**20, 1), "resident_memory_mb": round(resident / 2**20, 1)}
+
+
+def forward(runner: Runner, ids: mx.array, repeats: int) -> dict:
+    return timed(lambda: mx.eval(runner.logits(ids)), ids.size, repeats)
+
+
+def train_step(runner: Runner, ids: mx.array, checkpointing: bool):
+    """(loss, grads) of one training step, evaluated."""
+    runner.set_checkpointing(checkpointing)
+    loss, grads = nn.value_and_grad(runner.model, runner.loss)(ids)
+    mx.eval(loss, grads)
+    return loss, grads
+
+
+def train(runner: Runner, ids: mx.array, repeats: int, checkpointing: bool) -> dict:
+    result = timed(lambda: train_step(runner, ids, checkpointing), ids.size, repeats)
+    runner.set_checkpointing(False)
+    return result
+
+
+def checkpointing_effect(runner: Runner, ids: mx.array, plain: dict, ckpt: dict) -> dict:
+    (loss, grads), (ckpt_loss, ckpt_grads) = (train_step(runner, ids, c) for c in (False, True))
+    runner.set_checkpointing(False)
+    grad_diff = max(mx.abs(a - b).max().item()
+                    for (_, a), (_, b) in zip(tree_flatten(grads), tree_flatten(ckpt_grads)))
+    return {
+        "peak_memory_saving_percent": round(100 * (1 - ckpt["peak_memory_mb"] / plain["peak_memory_mb"]), 1),
+        "loss": loss.item(),
+        "loss_abs_diff": abs(ckpt_loss - loss).item(),
+        "grad_max_abs_diff": grad_diff,
+    }
+
+
+def bench(runner: Runner, ids: mx.array, repeats: int) -> dict:
+    out = {"forward": attempt(lambda: forward(runner, ids, repeats))}
+    for key, checkpointing in (("train", False), ("train_checkpointed", True)):
+        log(f"  {key}")
+        out[key] = attempt(lambda: train(runner, ids, repeats, checkpointing))
+    out["checkpointing"] = attempt(
+        lambda: checkpointing_effect(runner, ids, out["train"], out["train_checkpointed"]))
+    return out
+
+
+def max_logit_diff(a: Runner, b: Runner, ids: mx.array) -> float:
+    return mx.abs(a.logits(ids).astype(mx.float32) - b.logits(ids).astype(mx.float32)).max().item()
+
+
+def bench_shape(name: str, batch: int, tokens: int, dtype, repeats: int) -> dict:
+    make_config, default_batch, default_tokens = SHAPES[name]
+    config = make_config()
+    batch, tokens = batch or default_batch, tokens or default_tokens
+    mx.random.seed(0)
+    ours = ours_runner(MobileLLM(config))
+    mx.eval(ours.model.parameters())
+    ids = mx.random.randint(0, config.vocab_size, (batch, tokens))
+    result = {"batch": batch, "tokens": tokens, "parameters": ours.model.num_parameters(),
+              "config": config.to_dict()}
+
+    theirs = attempt(lambda: mlx_lm_runner(config))
+    if isinstance(theirs, Runner):
+        share_weights(ours.model, theirs.model)
+        fp32_diff = attempt(lambda: max_logit_diff(ours, theirs, ids))
+        if isinstance(fp32_diff, dict):  # mlx-lm could not run a forward pass
+            theirs, result["mlx_lm"] = None, fp32_diff
+        else:
+            result["logits_max_abs_diff_fp32"] = fp32_diff
+            assert fp32_diff <= LOGITS_TOLERANCE, f"{name}: ours and mlx-lm disagree ({fp32_diff})"
+    else:
+        theirs, result["mlx_lm"] = None, theirs
+
+    if dtype != mx.float32:
+        ours.model.set_dtype(dtype)
+        if theirs is not None:
+            share_weights(ours.model, theirs.model)
+            result[f"logits_max_abs_diff_{dtype_name(dtype)}"] = max_logit_diff(ours, theirs, ids)
+    for impl, runner in (("ours", ours), ("mlx_lm", theirs)):
+        if runner is not None:
+            log(f"{name}: {impl} ({batch} x {tokens} tokens)")
+            result[impl] = bench(runner, ids, repeats)
+    return result
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def machine(dtype) -> dict:
+    cpu = platform.processor()
+    if not cpu and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {
+        "platform": platform.platform(),
+        "processor": cpu,
+        "cpu_count": os.cpu_count(),
+        "mlx": mx.__version__,
+        "backend": str(mx.default_device()),
+        "dtype": dtype_name(dtype),
+        "blas": ("openblas (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "")
+                 else "mlx bundled (reference)"),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
+    parser.add_argument("--batch", type=int, help="rows per batch (default: per shape)")
+    parser.add_argument("--tokens", type=int, help="tokens per row (default: per shape)")
+    args = parser.parse_args()
+    dtype = getattr(mx, args.dtype)
+    try:
+        import mlx_lm
+        mlx_lm_version = mlx_lm.__version__
+    except Exception as error:  # noqa: BLE001
+        mlx_lm_version = f"not importable: {error}"
+    report = {"machine": {**machine(dtype), "mlx_lm": mlx_lm_version}, "repeats": args.repeats,
+              "shapes": {name: bench_shape(name, args.batch, args.tokens, dtype, args.repeats)
+                         for name in args.shapes}}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
