@@ -6,7 +6,7 @@ from mlx_mobilellm.models.config import MobileLLMConfig
 
 from mlx_mobilellm.errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("llama4_text", "llama")
+SUPPORTED_MODEL_TYPES = ("llama4_text", "llama", "mobilellm")
 
 
 def _rope(hf: dict, default_theta: float):
@@ -90,7 +90,18 @@ def _llama(hf: dict, where: str) -> dict:
     )
 
 
-_READERS = {"llama4_text": _llama4_text, "llama": _llama}
+def _mobilellm(hf: dict, where: str) -> dict:
+    """Original MobileLLM (custom code on the hub): Llama with rotate-half RoPE, where
+    share_embedding ties the head whatever tie_word_embeddings says, and layer_sharing runs
+    every block twice in a row."""
+    return dict(
+        _llama(hf, where),
+        tie_word_embeddings=bool(hf.get("share_embedding", hf.get("tie_word_embeddings", False))),
+        layer_sharing=bool(hf.get("layer_sharing", False)),
+    )
+
+
+_READERS = {"llama4_text": _llama4_text, "llama": _llama, "mobilellm": _mobilellm}
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> MobileLLMConfig:

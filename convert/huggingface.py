@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 
 from mlx_mobilellm.errors import CheckpointError
@@ -24,13 +24,14 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
-def read_hf_checkpoint(folder: Path) -> Tuple[MobileLLMConfig, str, dict]:
-    """(config, source model_type, weights under our names) of a Hugging Face folder."""
+def read_hf_checkpoint(folder: Path, files: Optional[list] = None) -> Tuple[MobileLLMConfig, str, dict]:
+    """(config, source model_type, weights under our names, lazily loaded) of a Hugging Face
+    folder; `files` picks the safetensors files (default: the folder's)."""
     hf = read_json(folder / "config.json")
     config = config_from_hf(hf, str(folder / "config.json"))
     source = hf["model_type"]
     weights = {}
-    for name, array, file in read_tensors(safetensors_files(folder)):
+    for name, array, file in read_tensors(files or safetensors_files(folder)):
         if IGNORED_SOURCE_TENSORS.match(name):
             continue
         ours = to_ours(name, source)

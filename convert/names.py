@@ -1,8 +1,9 @@
 """Weight-name maps: each source format's tensor names to ours, and back.
 
-Our names are MobileLLM's parameter paths (see mlx_mobilellm/models/mobilellm.py). A map is a
-list of (source pattern, our pattern) pairs where {n} stands for the layer index; both
-directions read the same table, so the maps cannot drift apart.
+Our names are MobileLLM's parameter paths (see mlx_mobilellm/models/mobilellm.py). A table
+maps module paths, with {n} for the layer index; the leaf (weight, or the scales / biases of a
+quantized layer) carries over unchanged. Both directions read the same table, so they cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -11,32 +12,48 @@ import re
 from functools import lru_cache
 from typing import Optional
 
-_BLOCK = [
-    ("self_attn.q_proj.weight", "attention.q_proj.weight"),
-    ("self_attn.k_proj.weight", "attention.k_proj.weight"),
-    ("self_attn.v_proj.weight", "attention.v_proj.weight"),
-    ("self_attn.o_proj.weight", "attention.o_proj.weight"),
-    ("self_attn.q_norm.weight", "attention.q_norm.weight"),
-    ("self_attn.k_norm.weight", "attention.k_norm.weight"),
-    ("input_layernorm.weight", "attention_norm.weight"),
-    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+_HF_BLOCK = [
+    ("self_attn.q_proj", "attention.q_proj"),
+    ("self_attn.k_proj", "attention.k_proj"),
+    ("self_attn.v_proj", "attention.v_proj"),
+    ("self_attn.o_proj", "attention.o_proj"),
+    ("self_attn.q_norm", "attention.q_norm"),
+    ("self_attn.k_norm", "attention.k_norm"),
+    ("input_layernorm", "attention_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
 ]
-_FFN = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+_FFN = ("gate_proj", "up_proj", "down_proj")
 
 
 def _hf_table(ffn_module: str) -> list:
-    block = _BLOCK + [(f"{ffn_module}.{w}", f"ffn.{w}") for w in _FFN]
+    block = _HF_BLOCK + [(f"{ffn_module}.{w}", f"ffn.{w}") for w in _FFN]
     return [
-        ("model.embed_tokens.weight", "embed_tokens.weight"),
-        ("model.norm.weight", "decoder.norm.weight"),
-        ("lm_head.weight", "lm_head.weight"),
+        ("model.embed_tokens", "embed_tokens"),
+        ("model.norm", "decoder.norm"),
+        ("lm_head", "lm_head"),
     ] + [(f"model.layers.{{n}}.{src}", f"decoder.layers.{{n}}.{ours}") for src, ours in block]
 
+
+_GGUF_TABLE = [
+    ("token_embd", "embed_tokens"),
+    ("output_norm", "decoder.norm"),
+    ("output", "lm_head"),
+] + [(f"blk.{{n}}.{src}", f"decoder.layers.{{n}}.{ours}") for src, ours in [
+    ("attn_q", "attention.q_proj"), ("attn_k", "attention.k_proj"),
+    ("attn_v", "attention.v_proj"), ("attn_output", "attention.o_proj"),
+    ("attn_q_norm", "attention.q_norm"), ("attn_k_norm", "attention.k_norm"),
+    ("attn_norm", "attention_norm"), ("ffn_norm", "ffn_norm"),
+    ("ffn_gate", "ffn.gate_proj"), ("ffn_up", "ffn.up_proj"), ("ffn_down", "ffn.down_proj"),
+]]
 
 NAME_TABLES = {
     "llama4_text": _hf_table("feed_forward"),  # Hugging Face MobileLLM-R1
     "llama": _hf_table("mlp"),
+    "mobilellm": _hf_table("mlp"),  # original MobileLLM: Llama names
+    "gguf": _GGUF_TABLE,
 }
+
+LEAVES = ("weight", "scales", "biases")
 
 # Tensors some exporters add that carry nothing the model needs (RoPE tables are recomputed).
 IGNORED_SOURCE_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -48,10 +65,14 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 def _translate(name: str, pairs: list) -> Optional[str]:
+    module, _, leaf = name.rpartition(".")
+    if leaf not in LEAVES:
+        return None
     for src, dst in pairs:
-        match = _compile(src).match(name)
+        match = _compile(src).match(module)
         if match:
-            return dst.replace("{n}", match.group(1)) if match.groups() else dst
+            path = dst.replace("{n}", match.group(1)) if match.groups() else dst
+            return f"{path}.{leaf}"
     return None
 
 

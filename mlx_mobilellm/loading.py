@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import CheckpointError
-from .models.config import MODEL_TYPE, MobileLLMConfig
+from .model_folder import quantize_like
+from .models.config import MobileLLMConfig
 from .models.mobilellm import MobileLLM
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -38,41 +38,35 @@ def check_weights(model: MobileLLM, weights: dict, where: str,
 
 
 def build_model(config: MobileLLMConfig, weights: dict, where: str,
-                dtype: Optional[str] = None,
+                dtype: Optional[str] = None, quantization: Optional[dict] = None,
                 source_name: Callable[[str], str] = _same_name) -> MobileLLM:
+    """The model with these weights; quantized layers where the weights come quantized.
+    dtype casts the float weights (quantized ones stay packed; their scales are cast)."""
     model = MobileLLM(config)
+    if quantization:
+        quantize_like(model, quantization, weights)
     check_weights(model, weights, where, source_name)
     if dtype is not None:
-        weights = {name: array.astype(DTYPES[dtype]) for name, array in weights.items()}
+        weights = {name: array.astype(DTYPES[dtype]) if mx.issubdtype(array.dtype, mx.floating)
+                   else array for name, array in weights.items()}
     model.load_weights(list(weights.items()))
     model.eval()
     return model
 
 
 def load(path, dtype: Optional[str] = None) -> Tuple[MobileLLM, None]:
-    """(model, tokenizer) from a local folder: an MLX model folder written by this project, or a
-    Hugging Face MobileLLM-R1 / Llama folder (converted in memory, nothing written).
+    """(model, tokenizer) from an MLX model folder, a Hugging Face folder (MobileLLM-R1,
+    Llama, original MobileLLM), a CheaperTraining-style safetensors folder, a .gguf file or a
+    hub repo id. Anything but an MLX folder is converted in memory; nothing is written.
 
-    dtype ("float32", "float16", "bfloat16") casts the weights; None keeps the checkpoint's.
-    The tokenizer is None for now.
+    dtype ("float32", "float16", "bfloat16") casts the float weights; None keeps the
+    checkpoint's. The tokenizer is None for now.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a model folder (no such directory)")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    from convert.huggingface import read_hf_checkpoint, read_json
-    from convert.names import from_ours
-    from convert.safetensors_files import read_tensors, safetensors_files
+    from convert.sources import open_checkpoint
 
-    raw = read_json(folder / "config.json")
-    if raw.get("model_type") == MODEL_TYPE:
-        try:
-            config = MobileLLMConfig.from_dict(raw)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
-        weights = {name: array for name, array, _ in read_tensors(safetensors_files(folder))}
-        return build_model(config, weights, str(folder), dtype), None
-    config, source, weights = read_hf_checkpoint(folder)
-    return build_model(config, weights, str(folder), dtype,
-                       lambda name: from_ours(name, source) or name), None
+    checkpoint = open_checkpoint(path)
+    model = build_model(checkpoint.config, checkpoint.weights, checkpoint.origin, dtype,
+                        checkpoint.quantization, checkpoint.source_name)
+    return model, None

@@ -232,11 +232,21 @@ def test_missing_folder(tmp_path):
     assert str(missing) in message
 
 
-def test_file_instead_of_folder(tmp_path):
+def test_single_safetensors_file_reads_config_beside_it(tmp_path):
     config = hf_config()
     folder = write_folder(tmp_path, config, hf_tensors(config))
+    ids = [[1, 2, 3, 4]]
+    from_file = np.array(mlx_mobilellm.load(folder / "model.safetensors")[0](ids).logits)
+    from_folder = np.array(mlx_mobilellm.load(folder)[0](ids).logits)
+    np.testing.assert_array_equal(from_file, from_folder)
+
+
+def test_file_without_config_beside_it(tmp_path):
+    config = hf_config()
+    folder = write_folder(tmp_path, config, hf_tensors(config))
+    (folder / "config.json").unlink()
     message = load_error(folder / "model.safetensors")
-    assert str(folder / "model.safetensors") in message
+    assert str(folder / "config.json") in message
 
 
 def test_missing_config_json(tmp_path):

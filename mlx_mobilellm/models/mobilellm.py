@@ -95,8 +95,18 @@ class MobileLLM(nn.Module):
         return [KVCache() for _ in range(self.config.num_layers * self.decoder.calls_per_block)]
 
     def num_parameters(self) -> int:
-        """Total parameter count. Reads shapes only: no weight is materialised."""
-        return sum(p.size for _, p in tree_flatten(self.parameters()))
+        """Total parameter count. Reads shapes only: no weight is materialised. A quantized
+        layer counts the weights it packs, not its scales and biases."""
+        bits = {path: module.bits for path, module in self.named_modules()
+                if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+        total = 0
+        for name, p in tree_flatten(self.parameters()):
+            module_path, leaf = name.rsplit(".", 1)
+            if module_path not in bits:
+                total += p.size
+            elif leaf == "weight":
+                total += p.size * 32 // bits[module_path]
+        return total
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""

@@ -1,0 +1,120 @@
+"""Any supported checkpoint → an MLX model folder, streaming tensor by tensor."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_mobilellm.errors import CheckpointError
+from mlx_mobilellm.loading import DTYPES, check_weights
+from mlx_mobilellm.model_folder import CONFIG_FILE, folder_config, quantize_like, write_json
+from mlx_mobilellm.models.mobilellm import MobileLLM
+
+from .progress import progress
+from .sources import Checkpoint, open_checkpoint
+from .writer import MAX_SHARD_BYTES, ShardWriter, atomic_folder
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
+                   "chat_template.json")
+Q_BITS = (2, 3, 4, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+
+
+def quantizable_weights(model: MobileLLM) -> set:
+    """Names of the weights mx.quantize applies to: every linear layer and the embedding
+    (with tied embeddings the head then reads the quantized embedding)."""
+    return {f"{path}.weight" for path, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Embedding))}
+
+
+def _validate(checkpoint: Checkpoint) -> None:
+    model = MobileLLM(checkpoint.config)
+    if checkpoint.quantization:
+        quantize_like(model, checkpoint.quantization, checkpoint.weights)
+    check_weights(model, checkpoint.weights, checkpoint.origin, checkpoint.source_name)
+
+
+def _tensor_converter(checkpoint: Checkpoint, dtype: Optional[str], q_bits: Optional[int],
+                      q_group_size: int):
+    """A function from one source tensor to the output tensors it becomes: cast, and
+    quantized into (weight, scales, biases) where it is a quantizable weight. All lazy: the
+    data is read and transformed when the shard writer evaluates it."""
+    target = DTYPES[dtype] if dtype else None
+    quantize = quantizable_weights(MobileLLM(checkpoint.config)) if q_bits else set()
+
+    def convert_tensor(name: str, array: mx.array) -> list:
+        if target is not None and mx.issubdtype(array.dtype, mx.floating):
+            array = array.astype(target)
+        # A layer whose width the group size does not divide stays in float.
+        if name not in quantize or array.shape[-1] % q_group_size:
+            return [(name, array)]
+        weight, scales, biases = mx.quantize(array, group_size=q_group_size, bits=q_bits)
+        module = name[: -len(".weight")]
+        return [(name, weight), (f"{module}.scales", scales), (f"{module}.biases", biases)]
+
+    return convert_tensor
+
+
+def _model_card(checkpoint: Checkpoint, dtype, quantization) -> str:
+    quantized = (f"{quantization['bits']}-bit, group size {quantization['group_size']}"
+                 if quantization else "no")
+    return (f"# {Path(checkpoint.origin).name}\n\n"
+            f"MLX model folder written by mlx-mobilellm's converter.\n\n"
+            f"- source: `{checkpoint.origin}` ({checkpoint.source_format})\n"
+            f"- dtype: {dtype or 'as the source'}\n"
+            f"- quantization: {quantized}\n\n"
+            "Load it with `mlx_mobilellm.load(path)`; export it back with "
+            "`mlx-mobilellm export --model PATH --hf-path OUT`.\n")
+
+
+def _copy_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:
+    if checkpoint.folder is not None:
+        for name in TOKENIZER_FILES:
+            if (checkpoint.folder / name).exists():
+                shutil.copyfile(checkpoint.folder / name, folder / name)
+    elif checkpoint.gguf_metadata is not None:
+        from .gguf_tokenizer import write_tokenizer_files
+
+        write_tokenizer_files(checkpoint.gguf_metadata, folder)
+
+
+def convert(source, mlx_path, *, source_format: Optional[str] = None, dtype: Optional[str] = None,
+            quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, force: bool = False,
+            quiet: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Convert `source` (see convert.sources) into the MLX model folder `mlx_path`."""
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
+        raise CheckpointError(f"--q-bits must be one of {Q_BITS} and --q-group-size one of "
+                              f"{Q_GROUP_SIZES}; got {q_bits} and {q_group_size}")
+    mlx_path = Path(mlx_path)
+    if mlx_path.exists() and not force:
+        raise CheckpointError(f"{mlx_path}: already exists; choose another path or pass --force")
+    checkpoint = open_checkpoint(source, source_format, quiet)
+    if quantize and checkpoint.quantization:
+        raise CheckpointError(f"{checkpoint.origin}: is already quantized; convert it without -q "
+                              "(or from a float checkpoint)")
+    _validate(checkpoint)
+
+    quantization = checkpoint.quantization
+    if quantize:
+        quantization = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
+    with atomic_folder(mlx_path, force) as folder:
+        writer = ShardWriter(folder, max_shard_bytes)
+        convert_tensor = _tensor_converter(checkpoint, dtype, q_bits if quantize else None,
+                                           q_group_size)
+        items = checkpoint.weights.items()
+        for name, array in progress(items, len(checkpoint.weights), "converting", quiet):
+            for out_name, out_array in convert_tensor(name, array):
+                writer.add(out_name, out_array)
+        writer.close()
+        write_json(folder / CONFIG_FILE,
+                   folder_config(checkpoint.config, quantization, checkpoint.export_format))
+        _copy_tokenizer(checkpoint, folder)
+        (folder / "README.md").write_text(_model_card(checkpoint, dtype, quantization))
+    return mlx_path

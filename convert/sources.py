@@ -1,0 +1,137 @@
+"""Opening a checkpoint of any supported format as our config plus lazily loaded weights.
+
+Formats (detected from the path, config.json and tensor names; `source_format` forces one):
+  llama4_text      Hugging Face MobileLLM-R1 (Llama4ForCausalLM, dense)
+  llama            Hugging Face Llama (LlamaForCausalLM; SmolLM2 and relatives)
+  mobilellm        original MobileLLM (MobileLLMForCausalLM: share_embedding, layer_sharing)
+  cheapertraining  a PyTorch state dict saved as safetensors with our parameter names, beside
+                   a config.json of MobileLLMConfig fields (the seed's names)
+  gguf             llama.cpp GGUF, Llama architecture (F32/F16/BF16/Q4_0/Q4_1/Q8_0)
+  mlx              a model folder written by this project (re-convert: dtype, quantization)
+Inputs: a folder, a single .safetensors file (config.json beside it), a .gguf file, or a
+Hugging Face hub repo id (downloaded with huggingface_hub, only the files needed).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mlx_mobilellm.errors import CheckpointError
+from mlx_mobilellm.model_folder import CONFIG_FILE, is_model_folder, split_folder_config
+from mlx_mobilellm.models.config import MobileLLMConfig
+
+from .gguf_file import read_gguf
+from .hf_config import SUPPORTED_MODEL_TYPES
+from .huggingface import read_hf_checkpoint, read_json
+from .names import NAME_TABLES, from_ours
+from .safetensors_files import PICKLE_SUFFIXES, read_tensors, safetensors_files
+
+SOURCE_FORMATS = SUPPORTED_MODEL_TYPES + ("cheapertraining", "gguf", "mlx")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class Checkpoint:
+    config: MobileLLMConfig
+    source_format: str
+    """The format read: one of SOURCE_FORMATS."""
+    weights: dict
+    """Our parameter names → arrays, loaded lazily (reading happens when a tensor is used)."""
+    quantization: Optional[dict]
+    origin: str
+    folder: Optional[Path]
+    """The folder holding tokenizer files, if any."""
+    gguf_metadata: Optional[dict] = None
+    original_format: Optional[str] = None
+    """For an MLX folder, the format it was converted from."""
+
+    @property
+    def export_format(self) -> str:
+        """The format export writes back by default: the checkpoint's own Hugging Face one."""
+        fmt = self.original_format or self.source_format
+        return "llama" if fmt in ("gguf", "mlx") else fmt
+
+    def source_name(self, ours: str) -> str:
+        """How the checkpoint itself names one of our tensors (for error messages)."""
+        if self.source_format in NAME_TABLES:
+            return from_ours(ours, self.source_format) or ours
+        return ours
+
+
+def download(repo_id: str, quiet: bool = False) -> Path:
+    """A hub snapshot with only what conversion reads; HF_HUB_OFFLINE and the cache apply."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        raise CheckpointError(f"{repo_id}: not a local path, and huggingface_hub (needed to "
+                              "download it) is not installed: pip install huggingface_hub") from None
+    if quiet:
+        disable_progress_bars()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as error:
+        raise CheckpointError(f"{repo_id}: download failed ({type(error).__name__}: {error})") from None
+
+
+def detect_format(config: dict, where: str) -> str:
+    if is_model_folder(config):
+        return "mlx"
+    if config.get("model_type") in SUPPORTED_MODEL_TYPES:
+        return config["model_type"]
+    if "embed_dim" in config and "num_layers" in config:
+        return "cheapertraining"
+    raise CheckpointError(
+        f"{where}: cannot tell the checkpoint format (model_type {config.get('model_type')!r}); "
+        f"supported: {', '.join(SOURCE_FORMATS)} — pass --source-format if it is one of them")
+
+
+def _cheapertraining(folder: Path, files: list, where: str) -> tuple:
+    try:
+        config = MobileLLMConfig.from_dict(read_json(folder / CONFIG_FILE))
+    except (TypeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: {error}") from None
+    return config, {name: array for name, array, _ in read_tensors(files)}
+
+
+def open_checkpoint(spec, source_format: Optional[str] = None, quiet: bool = False) -> Checkpoint:
+    path = Path(spec)
+    if not path.exists():
+        if _REPO_ID.match(str(spec)) and not str(spec).startswith((".", "/")):
+            path = download(str(spec), quiet)
+        else:
+            raise CheckpointError(f"{spec}: no such file or folder (nor a hub repo id like org/name)")
+    if source_format is not None and source_format not in SOURCE_FORMATS:
+        raise CheckpointError(f"source format {source_format!r} is not one of {', '.join(SOURCE_FORMATS)}")
+
+    if path.suffix == ".gguf" or source_format == "gguf":
+        config, weights, quantization, meta = read_gguf(path)
+        return Checkpoint(config, "gguf", weights, quantization, str(spec), None, meta)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        safetensors_files(path)  # raises the pickle refusal
+    folder, files = (path.parent, [path]) if path.is_file() else (path, None)
+    config_path = folder / CONFIG_FILE
+    raw = read_json(config_path)
+    kind = source_format or detect_format(raw, str(config_path))
+    files = files or safetensors_files(folder)
+
+    if kind == "mlx":
+        config, quantization, original = split_folder_config(raw, str(config_path))
+        weights = {name: array for name, array, _ in read_tensors(files)}
+        return Checkpoint(config, "mlx", weights, quantization, str(spec), folder,
+                          original_format=original)
+    if kind == "cheapertraining":
+        config, weights = _cheapertraining(folder, files, str(config_path))
+        return Checkpoint(config, kind, weights, None, str(spec), folder)
+    if kind != raw.get("model_type"):
+        raw_type = raw.get("model_type")
+        raise CheckpointError(f"{config_path}: model_type is {raw_type!r}, not {kind!r}; "
+                              "drop --source-format or fix config.json")
+    config, source, weights = read_hf_checkpoint(folder, files)
+    return Checkpoint(config, source, weights, None, str(spec), folder)
