@@ -1,6 +1,8 @@
-"""Hugging Face config.json → MobileLLMConfig, for the architectures we read."""
+"""Hugging Face config.json ↔ MobileLLMConfig, for the architectures we read and export."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 from mlx_mobilellm.models.config import MobileLLMConfig
 
@@ -118,3 +120,127 @@ def config_from_hf(hf: dict, where: str = "config.json") -> MobileLLMConfig:
         if isinstance(error, CheckpointError):
             raise
         raise CheckpointError(f"{where}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# MobileLLMConfig → Hugging Face config.json: the inverse of config_from_hf, per model type.
+
+_ARCHITECTURES = {"llama4_text": "Llama4ForCausalLM", "llama": "LlamaForCausalLM",
+                  "mobilellm": "MobileLLMForCausalLM"}
+
+
+def _refuse(model_type: str, what: str, fix: str) -> None:
+    raise CheckpointError(f"cannot export as {model_type}: {what}; {fix}")
+
+
+def _rope_to_hf(config: MobileLLMConfig) -> dict:
+    """RoPE in both spellings: transformers 5 reads rope_parameters; transformers 4.x, vLLM
+    and mlx-lm read the top-level rope_theta / rope_scaling. They carry the same values."""
+    scaling = dict(config.rope_scaling) if config.rope_scaling else None
+    parameters = {"rope_theta": config.rope_base, **(scaling or {"rope_type": "default"})}
+    return dict(rope_theta=config.rope_base, rope_scaling=scaling, rope_parameters=parameters)
+
+
+def _common_to_hf(config: MobileLLMConfig, model_type: str) -> dict:
+    return dict(
+        architectures=[_ARCHITECTURES[model_type]],
+        model_type=model_type,
+        vocab_size=config.vocab_size,
+        hidden_size=config.embed_dim,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.dim_per_head,
+        hidden_act="silu",
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        attention_bias=False,
+        **_rope_to_hf(config),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def _chunking_acts(config: MobileLLMConfig) -> bool:
+    """Chunked attention changes results only when a chunk is shorter than the context."""
+    return config.attention_chunk_size is not None and config.attention_chunk_size < config.max_seq_len
+
+
+def _check_llama_expressible(config: MobileLLMConfig, model_type: str) -> None:
+    """Llama (and original MobileLLM) attention is plain RoPE attention on every layer."""
+    fix = "export as llama4_text instead"
+    if config.use_qk_norm:
+        _refuse(model_type, "the model uses QK-norm, which Llama has no field for", fix)
+    if config.nope_layers:
+        _refuse(model_type, f"layers {config.nope_layers} are NoPE (no RoPE), which Llama cannot express", fix)
+    if _chunking_acts(config):
+        _refuse(model_type, f"RoPE layers attend in chunks of {config.attention_chunk_size} tokens, "
+                "which Llama cannot express", fix)
+
+
+def _llama4_text_to_hf(config: MobileLLMConfig) -> dict:
+    if config.use_qk_norm and config.qk_norm_weight:
+        _refuse("llama4_text", "the model's QK-norm has weights; Llama 4's is weightless",
+                "export as another format (this one cannot carry q_norm/k_norm weights)")
+    if config.layer_sharing:
+        _refuse("llama4_text", "the model shares each block between two layers (layer_sharing)",
+                "export as mobilellm instead")
+    # floor_scale is an int in Llama4TextConfig (its strict validation refuses a float).
+    floor_scale = int(config.floor_scale) if float(config.floor_scale).is_integer() else config.floor_scale
+    return dict(
+        _common_to_hf(config, "llama4_text"),
+        # Dense layers read intermediate_size_mlp; intermediate_size is the (unused) expert
+        # width, set equal so that nothing looks half-configured.
+        intermediate_size=config.hidden_dim,
+        intermediate_size_mlp=config.hidden_dim,
+        moe_layers=[],
+        # 1 means the layer USES RoPE.
+        no_rope_layers=[0 if i in config.nope_layers else 1 for i in range(config.num_layers)],
+        attention_chunk_size=config.attention_chunk_size,
+        attn_temperature_tuning=config.attn_temperature_tuning,
+        floor_scale=floor_scale,
+        attn_scale=config.attn_scale,
+        use_qk_norm=config.use_qk_norm,
+    )
+
+
+def _llama_fields(config: MobileLLMConfig, model_type: str) -> dict:
+    _check_llama_expressible(config, model_type)
+    return dict(_common_to_hf(config, model_type), intermediate_size=config.hidden_dim,
+                mlp_bias=False, pretraining_tp=1)
+
+
+def _llama_to_hf(config: MobileLLMConfig) -> dict:
+    if config.layer_sharing:
+        _refuse("llama", "the model shares each block between two layers (layer_sharing)",
+                "export as mobilellm instead")
+    return _llama_fields(config, "llama")
+
+
+def _mobilellm_to_hf(config: MobileLLMConfig) -> dict:
+    """Original MobileLLM ties through share_embedding and keeps tie_word_embeddings false,
+    as its released configs do. No auto_map is written: its modeling code is not ours to
+    ship, and a config pointing at code that is not there cannot load."""
+    return dict(_llama_fields(config, "mobilellm"),
+                share_embedding=config.tie_word_embeddings, tie_word_embeddings=False,
+                layer_sharing=config.layer_sharing)
+
+
+_WRITERS = {"llama4_text": _llama4_text_to_hf, "llama": _llama_to_hf, "mobilellm": _mobilellm_to_hf}
+
+
+def config_to_hf(config: MobileLLMConfig, model_type: str, *, dtype: Optional[str] = None) -> dict:
+    """The Hugging Face config.json dict of `model_type` for our config: the inverse of
+    config_from_hf (config_from_hf(config_to_hf(c, t)) == c for a config read from type t).
+    dtype ("float32", ...) names the weights' dtype, written as transformers 5 (dtype) and
+    4.x (torch_dtype) spell it. Raises CheckpointError for what the format cannot express."""
+    writer = _WRITERS.get(model_type)
+    if writer is None:
+        raise CheckpointError(f"model_type {model_type!r} cannot be exported; "
+                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    hf = writer(config)
+    if dtype is not None:
+        hf.update(dtype=dtype, torch_dtype=dtype)
+    return hf

@@ -1,0 +1,33 @@
+"""The `mlx-mobilellm` command: one subcommand per user job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from convert.cli import add_convert_arguments, add_export_arguments, run_convert, run_export
+
+    parser = argparse.ArgumentParser(prog="mlx-mobilellm",
+                                     description="Run, convert and fine-tune MobileLLM models with MLX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="a checkpoint (HF, GGUF, ...) → an MLX model folder")
+    add_convert_arguments(convert)
+    convert.set_defaults(run=run_convert)
+    export = commands.add_parser("export", help="an MLX model folder → Hugging Face safetensors or GGUF")
+    add_export_arguments(export)
+    export.set_defaults(run=run_export)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    from convert.cli import run_reporting_errors
+
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(args.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
