@@ -1,6 +1,9 @@
-"""Key/value caches for incremental decoding."""
+"""Key/value caches for incremental decoding, and saving them to a file."""
 
 from __future__ import annotations
+
+import json
+from typing import List
 
 import mlx.core as mx
 
@@ -10,11 +13,15 @@ class KVCache:
 
     Storage is preallocated and grows in steps of `step` positions, so a decode step writes into
     existing memory instead of concatenating (which would copy the whole cache every token).
+    `offset` is both the number of cached positions and the next token's position.
     """
 
     step = 256
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.keys = None
         self.values = None
         self.offset = 0
@@ -35,3 +42,97 @@ class KVCache:
         self.values[..., self.offset : end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    @property
+    def trimmable(self) -> bool:
+        return True
+
+    def trim(self, count: int) -> int:
+        """Forget the last `count` positions (rejected draft tokens, a changed chat turn)."""
+        count = min(count, self.offset)
+        self.offset -= count
+        return count
+
+    @property
+    def state(self):
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, value):
+        self.keys, self.values = value
+        self.offset = self.keys.shape[2]
+
+
+class RotatingKVCache(KVCache):
+    """A bounded cache for long chats: it keeps the first `keep` positions (the system prompt
+    and attention sinks) and the most recent ones, at most `max_size` in all. Positions keep
+    counting, so RoPE still sees each token at its true place."""
+
+    def __init__(self, max_size: int, keep: int = 4):
+        super().__init__()
+        if max_size <= keep:
+            raise ValueError(f"max_kv_size ({max_size}) must exceed the {keep} kept positions")
+        self.max_size = max_size
+        self.keep = keep
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        # Attention sees the window plus the new tokens; storage is trimmed afterwards, so a
+        # long prompt chunk still attends causally within itself.
+        if self.keys is None:
+            all_k, all_v = keys, values
+        else:
+            all_k = mx.concatenate([self.keys, keys], axis=2)
+            all_v = mx.concatenate([self.values, values], axis=2)
+        self.offset += keys.shape[2]
+        if all_k.shape[2] > self.max_size:
+            recent = self.max_size - self.keep
+            self.keys = mx.concatenate([all_k[..., : self.keep, :], all_k[..., -recent:, :]], axis=2)
+            self.values = mx.concatenate([all_v[..., : self.keep, :], all_v[..., -recent:, :]], axis=2)
+        else:
+            self.keys, self.values = all_k, all_v
+        return all_k, all_v
+
+    @property
+    def trimmable(self) -> bool:
+        return self.offset == self.keys.shape[2] if self.keys is not None else True
+
+    def trim(self, count: int) -> int:
+        if not self.trimmable:
+            return 0
+        count = min(count, self.offset)
+        self.offset -= count
+        self.keys = self.keys[..., : self.offset, :]
+        self.values = self.values[..., : self.offset, :]
+        return count
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    @state.setter
+    def state(self, value):
+        self.keys, self.values = value
+
+
+def save_prompt_cache(path, cache: List[KVCache], tokens: List[int]) -> None:
+    """Save a prompt cache and the token ids it holds, so a later run can skip that prefill."""
+    arrays = {}
+    for i, layer in enumerate(cache):
+        arrays[f"{i}.keys"], arrays[f"{i}.values"] = layer.state
+    kinds = [{"max_size": c.max_size, "keep": c.keep, "offset": c.offset}
+             if isinstance(c, RotatingKVCache) else {} for c in cache]
+    mx.save_safetensors(str(path), arrays, metadata={"tokens": json.dumps(list(tokens)),
+                                                     "layers": json.dumps(kinds)})
+
+
+def load_prompt_cache(path):
+    """(cache, tokens) saved by save_prompt_cache."""
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    cache = []
+    for i, kind in enumerate(json.loads(metadata["layers"])):
+        layer = RotatingKVCache(kind["max_size"], kind["keep"]) if kind else KVCache()
+        layer.state = (arrays[f"{i}.keys"], arrays[f"{i}.values"])
+        if kind:
+            layer.offset = kind["offset"]
+        cache.append(layer)
+    return cache, json.loads(metadata["tokens"])

@@ -11,6 +11,7 @@ from .errors import CheckpointError
 from .model_folder import quantize_like
 from .models.config import MobileLLMConfig
 from .models.mobilellm import MobileLLM
+from .tokenizer import Tokenizer, read_tokenizer_files, tokenizer_from_files, tokenizer_from_gguf_metadata
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -54,13 +55,13 @@ def build_model(config: MobileLLMConfig, weights: dict, where: str,
     return model
 
 
-def load(path, dtype: Optional[str] = None) -> Tuple[MobileLLM, None]:
+def load(path, dtype: Optional[str] = None) -> Tuple[MobileLLM, Optional[Tokenizer]]:
     """(model, tokenizer) from an MLX model folder, a Hugging Face folder (MobileLLM-R1,
     Llama, original MobileLLM), a CheaperTraining-style safetensors folder, a .gguf file or a
     hub repo id. Anything but an MLX folder is converted in memory; nothing is written.
 
     dtype ("float32", "float16", "bfloat16") casts the float weights; None keeps the
-    checkpoint's. The tokenizer is None for now.
+    checkpoint's. The tokenizer is None when the source has none.
     """
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -69,4 +70,9 @@ def load(path, dtype: Optional[str] = None) -> Tuple[MobileLLM, None]:
     checkpoint = open_checkpoint(path)
     model = build_model(checkpoint.config, checkpoint.weights, checkpoint.origin, dtype,
                         checkpoint.quantization, checkpoint.source_name)
-    return model, None
+    eos = checkpoint.config.eos_token_ids
+    if checkpoint.gguf_metadata is not None:
+        tokenizer = tokenizer_from_gguf_metadata(checkpoint.gguf_metadata, checkpoint.origin, eos)
+    else:
+        tokenizer = tokenizer_from_files(read_tokenizer_files(checkpoint.folder), checkpoint.origin, eos)
+    return model, tokenizer

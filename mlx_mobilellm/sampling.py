@@ -1,10 +1,15 @@
-"""Turning next-token logits into token ids."""
+"""Turning next-token logits into token ids: filters (top-p, top-k, min-p), temperature,
+and logits processors such as the repetition penalty."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
+
+Sampler = Callable[[mx.array, Optional[mx.array]], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+"""(tokens so far, (batch, vocab) logits) -> logits."""
 
 
 def top_p_filter(logits: mx.array, top_p: float) -> mx.array:
@@ -21,12 +26,73 @@ def top_p_filter(logits: mx.array, top_p: float) -> mx.array:
     return mx.take_along_axis(sorted_kept, mx.argsort(order, axis=-1), axis=-1)
 
 
+def top_k_filter(logits: mx.array, top_k: int) -> mx.array:
+    """Keep the top_k largest logits (ties at the boundary may keep a few more)."""
+    if top_k >= logits.shape[-1]:
+        return logits
+    kth = mx.sort(logits, axis=-1)[..., -top_k][..., None]
+    return mx.where(logits >= kth, logits, -mx.inf)
+
+
+def min_p_filter(logits: mx.array, min_p: float) -> mx.array:
+    """Keep tokens at least min_p times as likely as the most likely one."""
+    threshold = logits.max(axis=-1, keepdims=True) + mx.log(mx.array(min_p, logits.dtype))
+    return mx.where(logits >= threshold, logits, -mx.inf)
+
+
 def sample(logits: mx.array, temperature: float = 1.0, top_p: float = 1.0,
-           key: Optional[mx.array] = None) -> mx.array:
-    """One token per row of (batch, vocab) logits. temperature 0 is greedy (argmax)."""
+           key: Optional[mx.array] = None, top_k: int = 0, min_p: float = 0.0) -> mx.array:
+    """One token per row of (batch, vocab) logits. temperature 0 is greedy (argmax); the
+    filters apply to the temperature-scaled distribution."""
     if temperature == 0:
         return mx.argmax(logits, axis=-1)
     logits = logits.astype(mx.float32) / temperature
+    if top_k > 0:
+        logits = top_k_filter(logits, top_k)
+    if 0.0 < min_p < 1.0:
+        logits = min_p_filter(logits, min_p)
     if top_p < 1.0:
         logits = top_p_filter(logits, top_p)
     return mx.random.categorical(logits, axis=-1, key=key)
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0) -> Sampler:
+    """sampler(logits, key) with these settings fixed."""
+    for name, value, low, high in (("temperature", temperature, 0.0, float("inf")),
+                                   ("top_p", top_p, 0.0, 1.0), ("min_p", min_p, 0.0, 1.0)):
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+    def sampler(logits: mx.array, key: Optional[mx.array] = None) -> mx.array:
+        return sample(logits, temperature, top_p, key, top_k, min_p)
+
+    return sampler
+
+
+def repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
+    """CTRL's penalty over the last context_size tokens: a seen token's logit is divided by
+    the penalty when positive and multiplied by it when negative."""
+    if penalty <= 0:
+        raise ValueError(f"repetition penalty must be positive, got {penalty}")
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        recent = tokens[..., -context_size:].reshape(logits.shape[0], -1)
+        seen = mx.take_along_axis(logits, recent, axis=-1)
+        penalised = mx.where(seen > 0, seen / penalty, seen * penalty)
+        rows = mx.arange(logits.shape[0])[:, None]
+        logits[rows, recent] = penalised
+        return logits
+
+    return process
+
+
+def make_logits_processors(repetition_penalty_value: Optional[float] = None,
+                           repetition_context_size: int = 20) -> List[LogitsProcessor]:
+    if repetition_penalty_value is None or repetition_penalty_value == 1.0:
+        return []
+    return [repetition_penalty(repetition_penalty_value, repetition_context_size)]

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..cache import KVCache
+from ..cache import KVCache, RotatingKVCache
 from ..sampling import sample
 from .config import MobileLLMConfig, as_id_list
 from .transformer import TransformerDecoder
@@ -91,8 +91,12 @@ class MobileLLM(nn.Module):
 
     forward = __call__
 
-    def make_cache(self) -> list:
-        return [KVCache() for _ in range(self.config.num_layers * self.decoder.calls_per_block)]
+    def make_cache(self, max_kv_size: Optional[int] = None) -> list:
+        """One KV cache per block call; bounded to max_kv_size positions when given."""
+        count = self.config.num_layers * self.decoder.calls_per_block
+        if max_kv_size is None:
+            return [KVCache() for _ in range(count)]
+        return [RotatingKVCache(max_kv_size) for _ in range(count)]
 
     def num_parameters(self) -> int:
         """Total parameter count. Reads shapes only: no weight is materialised. A quantized
