@@ -4,8 +4,11 @@ Prints one JSON document to stdout (progress goes to stderr). mlx-lm runs the sa
 its llama4_text model (what MobileLLM-R1 is on Hugging Face) loaded from ours by name, and the
 script checks both give the same logits (fp32) before timing anything.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/forward.py
-    python benchmarks/forward.py --shapes ckpt-8x256 --repeats 1   # MLX's bundled BLAS: slow
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/forward.py  # ~4 min
+    python benchmarks/forward.py --shapes ckpt-8x256 --tokens 256 --repeats 1  # bundled BLAS: ~3 min
+
+Each figure is the median of --repeats timed runs (default 2, to keep the default run short on
+two cores) after one warm-up run. Peak memory is MLX's own counter, weights included.
 
 On Linux, MLX's CPU wheel bundles a reference BLAS; preloading OpenBLAS makes fp32 GEMM ~30x
 faster. bf16/fp16 matmuls on the CPU backend use no BLAS either way.
@@ -25,6 +28,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from convert.names import from_ours
@@ -107,10 +111,9 @@ def share_weights(ours: MobileLLM, theirs: nn.Module) -> None:
 
 
 def timed(fn: Callable, tokens: int, repeats: int) -> dict:
-    """Median tokens/s and peak memory of fn() over repeats, after one warm-up call, and the
-    memory held before each run (weights, inputs). fn()'s result is dropped at once, so one
+    """Median tokens/s and peak memory of fn() over repeats (warm up before calling), and the
+    memory held before the runs (weights, inputs). fn()'s result is dropped at once, so one
     run's outputs are freed before the next starts."""
-    fn()
     resident = mx.get_active_memory()
     times, peak = [], 0
     for _ in range(repeats):
@@ -124,33 +127,40 @@ def timed(fn: Callable, tokens: int, repeats: int) -> dict:
 
 
 def forward(runner: Runner, ids: mx.array, repeats: int) -> dict:
-    return timed(lambda: mx.eval(runner.logits(ids)), ids.size, repeats)
+    run = lambda: mx.eval(runner.logits(ids))  # noqa: E731
+    run()  # warm-up
+    return timed(run, ids.size, repeats)
 
 
-def train_step(runner: Runner, ids: mx.array, checkpointing: bool):
+def train_step(runner: Runner, ids: mx.array):
     """(loss, grads) of one training step, evaluated."""
-    runner.set_checkpointing(checkpointing)
     loss, grads = nn.value_and_grad(runner.model, runner.loss)(ids)
     mx.eval(loss, grads)
     return loss, grads
 
 
 def train(runner: Runner, ids: mx.array, repeats: int, checkpointing: bool) -> dict:
-    result = timed(lambda: train_step(runner, ids, checkpointing), ids.size, repeats)
-    runner.set_checkpointing(False)
-    return result
+    """Training-step figures. The warm-up step's loss and gradients come back too, under
+    "_step", to compare plain and checkpointed steps; the gradients are NumPy copies, outside
+    MLX's memory counters, so keeping them does not move the peaks measured after them."""
+    runner.set_checkpointing(checkpointing)
+    try:
+        loss, grads = train_step(runner, ids)
+        step = {"loss": loss.item(),
+                "grads": [np.array(g.astype(mx.float32)) for _, g in tree_flatten(grads)]}
+        del loss, grads
+        return {**timed(lambda: train_step(runner, ids), ids.size, repeats), "_step": step}
+    finally:
+        runner.set_checkpointing(False)
 
 
-def checkpointing_effect(runner: Runner, ids: mx.array, plain: dict, ckpt: dict) -> dict:
-    (loss, grads), (ckpt_loss, ckpt_grads) = (train_step(runner, ids, c) for c in (False, True))
-    runner.set_checkpointing(False)
-    grad_diff = max(mx.abs(a - b).max().item()
-                    for (_, a), (_, b) in zip(tree_flatten(grads), tree_flatten(ckpt_grads)))
+def checkpointing_effect(plain: dict, ckpt: dict, plain_step: dict, ckpt_step: dict) -> dict:
     return {
         "peak_memory_saving_percent": round(100 * (1 - ckpt["peak_memory_mb"] / plain["peak_memory_mb"]), 1),
-        "loss": loss.item(),
-        "loss_abs_diff": abs(ckpt_loss - loss).item(),
-        "grad_max_abs_diff": grad_diff,
+        "loss": plain_step["loss"],
+        "loss_abs_diff": abs(ckpt_step["loss"] - plain_step["loss"]),
+        "grad_max_abs_diff": max(float(np.abs(a - b).max())
+                                 for a, b in zip(plain_step["grads"], ckpt_step["grads"])),
     }
 
 
@@ -159,8 +169,9 @@ def bench(runner: Runner, ids: mx.array, repeats: int) -> dict:
     for key, checkpointing in (("train", False), ("train_checkpointed", True)):
         log(f"  {key}")
         out[key] = attempt(lambda: train(runner, ids, repeats, checkpointing))
-    out["checkpointing"] = attempt(
-        lambda: checkpointing_effect(runner, ids, out["train"], out["train_checkpointed"]))
+    steps = [out[key].pop("_step", None) for key in ("train", "train_checkpointed")]
+    if None not in steps:
+        out["checkpointing"] = checkpointing_effect(out["train"], out["train_checkpointed"], *steps)
     return out
 
 
@@ -216,6 +227,7 @@ def machine(dtype) -> dict:
         "platform": platform.platform(),
         "processor": cpu,
         "cpu_count": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # other work on the CPUs
         "mlx": mx.__version__,
         "backend": str(mx.default_device()),
         "dtype": dtype_name(dtype),
@@ -228,7 +240,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up")
     parser.add_argument("--batch", type=int, help="rows per batch (default: per shape)")
     parser.add_argument("--tokens", type=int, help="tokens per row (default: per shape)")
     args = parser.parse_args()

@@ -32,6 +32,19 @@ def quantizable_weights(model: MobileLLM) -> set:
             if isinstance(module, (nn.Linear, nn.Embedding))}
 
 
+def _check_group_size(checkpoint: Checkpoint, q_group_size: int) -> None:
+    """Refuse a group size that does not divide every quantized layer's input width, rather
+    than quietly leaving those layers in float."""
+    names = quantizable_weights(MobileLLM(checkpoint.config))
+    odd = sorted(n for n in names if checkpoint.weights[n].shape[-1] % q_group_size)
+    if odd:
+        width = checkpoint.weights[odd[0]].shape[-1]
+        fits = [g for g in Q_GROUP_SIZES if all(checkpoint.weights[n].shape[-1] % g == 0 for n in names)]
+        raise CheckpointError(
+            f"--q-group-size {q_group_size} does not divide the width {width} of '{odd[0]}' "
+            f"({len(odd)} layer(s) in all); use --q-group-size {' or '.join(map(str, fits)) or '?'}")
+
+
 def _validate(checkpoint: Checkpoint) -> None:
     model = MobileLLM(checkpoint.config)
     if checkpoint.quantization:
@@ -50,8 +63,7 @@ def _tensor_converter(checkpoint: Checkpoint, dtype: Optional[str], q_bits: Opti
     def convert_tensor(name: str, array: mx.array) -> list:
         if target is not None and mx.issubdtype(array.dtype, mx.floating):
             array = array.astype(target)
-        # A layer whose width the group size does not divide stays in float.
-        if name not in quantize or array.shape[-1] % q_group_size:
+        if name not in quantize:
             return [(name, array)]
         weight, scales, biases = mx.quantize(array, group_size=q_group_size, bits=q_bits)
         module = name[: -len(".weight")]
@@ -100,17 +112,20 @@ def convert(source, mlx_path, *, source_format: Optional[str] = None, dtype: Opt
         raise CheckpointError(f"{checkpoint.origin}: is already quantized; convert it without -q "
                               "(or from a float checkpoint)")
     _validate(checkpoint)
+    if quantize:
+        _check_group_size(checkpoint, q_group_size)
 
     quantization = checkpoint.quantization
     if quantize:
         quantization = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
     with atomic_folder(mlx_path, force) as folder:
-        writer = ShardWriter(folder, max_shard_bytes)
+        writer = ShardWriter(folder, max_shard_bytes, destination=mlx_path)
         convert_tensor = _tensor_converter(checkpoint, dtype, q_bits if quantize else None,
                                            q_group_size)
-        items = checkpoint.weights.items()
-        for name, array in progress(items, len(checkpoint.weights), "converting", quiet):
-            for out_name, out_array in convert_tensor(name, array):
+        names = list(checkpoint.weights)
+        for name in progress(names, len(names), "converting", quiet):
+            # Popped, so that each source tensor is freed once converted.
+            for out_name, out_array in convert_tensor(name, checkpoint.weights.pop(name)):
                 writer.add(out_name, out_array)
         writer.close()
         write_json(folder / CONFIG_FILE,

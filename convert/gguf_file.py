@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
 from typing import Tuple
@@ -18,42 +19,132 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 # quantized triplets (weight, scales, biases) with groups of 32.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 GGUF_GROUP_SIZE = 32
+# GGUF value types: fixed-size scalars by type id, 8 = string, 9 = array.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+# ggml tensor type ids → names, for the types we accept and the common ones we refuse.
+_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+                 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
 # Smallest encodings: a metadata entry is a key length, a key byte and a value type; a
-# tensor entry a name length, a name byte, a rank, one dimension, a type and an offset.
+# tensor record a name length, a name byte, a rank, one dimension, a type and an offset.
 _MIN_KV_BYTES = 8 + 1 + 4
 _MIN_TENSOR_BYTES = 8 + 1 + 4 + 8 + 4 + 8
+# (bytes per block, values per block) of the accepted types, to find where each tensor ends.
+_BLOCK = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q4_0": (18, 32), "Q4_1": (20, 32),
+          "Q8_0": (34, 32)}
 
 
-def check_gguf_header(path: Path) -> None:
-    """Refuse files whose header cannot be right before any parser trusts it: MLX's own GGUF
-    reader crashes the process on absurd tensor or metadata counts."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != b"GGUF":
-        raise CheckpointError(f"{path}: not a GGUF file (bad magic or shorter than its header)")
-    version, tensors, entries = struct.unpack("<IQQ", head[4:24])
+class _Cursor:
+    """Bounds-checked little-endian reads over the file's bytes."""
+
+    def __init__(self, data: memoryview, where: str):
+        self.data, self.at, self.where = data, 0, where
+
+    def take(self, count: int) -> memoryview:
+        if count < 0 or self.at + count > len(self.data):
+            raise CheckpointError(f"{self.where}: the header runs past the end of the file "
+                                  f"(at byte {self.at}): the file is truncated or corrupt")
+        chunk = self.data[self.at : self.at + count]
+        self.at += count
+        return chunk
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return bytes(self.take(self.unpack("<Q"))).decode("utf-8", errors="replace")
+
+    def skip_value(self, kind: int) -> None:
+        if kind in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[kind])
+        elif kind == _STRING:
+            self.take(self.unpack("<Q"))
+        elif kind == _ARRAY:
+            element, count = self.unpack("<I"), self.unpack("<Q")
+            if element in _SCALAR_BYTES:
+                self.take(_SCALAR_BYTES[element] * count)
+            else:
+                for _ in range(count):
+                    self.skip_value(element)
+        else:
+            raise CheckpointError(f"{self.where}: unknown metadata value type {kind} "
+                                  f"(at byte {self.at}): the file is corrupt")
+
+
+def _tensor_end(dims: list, kind: str) -> int:
+    block_bytes, block_values = _BLOCK[kind]
+    count = 1
+    for d in dims:
+        count *= d
+    return count // block_values * block_bytes
+
+
+def _walk(cursor: _Cursor, file_size: int) -> dict:
+    where = cursor.where
+    if bytes(cursor.take(4)) != b"GGUF":
+        raise CheckpointError(f"{where}: not a GGUF file (bad magic)")
+    version = cursor.unpack("<I")
     if version not in (2, 3):
-        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-    if tensors * _MIN_TENSOR_BYTES + entries * _MIN_KV_BYTES > size - 24:
+        raise CheckpointError(f"{where}: GGUF version {version} is not supported (2 and 3 are)")
+    tensors, entries = cursor.unpack("<Q"), cursor.unpack("<Q")
+    if tensors * _MIN_TENSOR_BYTES + entries * _MIN_KV_BYTES > file_size:
         raise CheckpointError(
-            f"{path}: header claims {tensors} tensors and {entries} metadata entries, more than "
-            f"its {size} bytes can hold: the file is truncated or corrupt")
+            f"{where}: header claims {tensors} tensors and {entries} metadata entries, more than "
+            f"its {file_size} bytes can hold: the file is truncated or corrupt")
+    alignment = 32
+    for _ in range(entries):
+        key, kind = cursor.string(), cursor.unpack("<I")
+        if key == "general.alignment" and kind == 4:
+            alignment = cursor.unpack("<I")
+        else:
+            cursor.skip_value(kind)
+    records = []
+    for _ in range(tensors):
+        name, rank = cursor.string(), cursor.unpack("<I")
+        if rank > 4:
+            raise CheckpointError(f"{where}: tensor '{name}' claims {rank} dimensions: corrupt")
+        dims = [cursor.unpack("<Q") for _ in range(rank)]
+        kind, offset = cursor.unpack("<I"), cursor.unpack("<Q")
+        records.append((name, dims, _TENSOR_TYPES.get(kind, f"type {kind}"), offset))
+    data_start = -(-cursor.at // alignment) * alignment
+    for name, dims, kind, offset in records:
+        end = data_start + offset + _tensor_end(dims, kind) if kind in _BLOCK else 0
+        if end > file_size:
+            raise CheckpointError(f"{where}: tensor '{name}' ends at byte {end}, past the end of "
+                                  f"the {file_size}-byte file: the file is truncated")
+    return {name: kind for name, _, kind, _ in records}
+
+
+def check_gguf_structure(path: Path) -> dict:
+    """Walk the whole header — every metadata entry and tensor record, each read checked
+    against the file's size — and return {tensor name: type name}. MLX's own GGUF reader
+    crashes the process on a malformed header, so nothing reaches it unchecked."""
+    with path.open("rb") as f:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: not a GGUF file (empty)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return _walk(_Cursor(view, str(path)), len(mapped))
+            finally:
+                view.release()
+
+
+def _plain(value):
+    """MLX returns numeric metadata as arrays; the rest of the code wants Python values."""
+    if isinstance(value, mx.array):
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
 
 
 def read_metadata(path: Path) -> Tuple[dict, dict]:
-    """({key: value}, {tensor name: type name}) through the gguf package's reader, which
-    checks every offset against the file's size."""
-    from gguf import GGUFReader
-
-    check_gguf_header(path)
+    """({metadata key: Python value}, {tensor name: type name}), the structure checked first."""
+    types = check_gguf_structure(path)
     try:
-        reader = GGUFReader(str(path))
-    except Exception as error:  # the reader raises assorted errors on malformed files
-        raise CheckpointError(f"{path}: cannot parse GGUF ({error}): the file is truncated or corrupt") from None
-    metadata = {key: field.contents() for key, field in reader.fields.items()}
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    return metadata, types
+        _, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: cannot read GGUF ({error})") from None
+    return {key: _plain(value) for key, value in metadata.items()}, types
 
 
 def config_from_gguf(meta: dict, has_output: bool, where: str) -> MobileLLMConfig:

@@ -43,8 +43,9 @@ class ShardWriter:
     model-0000i-of-0000N.safetensors with an index, or model.safetensors when there is one."""
 
     def __init__(self, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
-                 metadata: Optional[dict] = None):
+                 metadata: Optional[dict] = None, destination: Optional[Path] = None):
         self.folder = Path(folder)
+        self.destination = Path(destination or folder)  # named in errors; folder may be temporary
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata or {"format": "mlx"}
         self.pending: dict = {}
@@ -53,8 +54,11 @@ class ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, array: mx.array) -> None:
+        """Queue a tensor, computing it now: reading and transforming a lazily loaded source
+        one tensor at a time is what keeps memory to about one shard."""
         if self.pending and self.pending_bytes + array.nbytes > self.max_shard_bytes:
             self._flush()
+        mx.eval(array)
         self.pending[name] = array
         self.pending_bytes += array.nbytes
 
@@ -63,7 +67,8 @@ class ShardWriter:
         try:
             mx.save_safetensors(str(path), self.pending, metadata=self.metadata)
         except Exception as error:
-            raise CheckpointError(f"{path}: writing failed ({error}); check free disk space") from None
+            raise CheckpointError(f"{self.destination}: writing shard {len(self.shards) + 1} failed "
+                                  f"({error}); check free disk space") from None
         self.shards.append((path.name, list(self.pending)))
         self.total_bytes += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0
