@@ -10,9 +10,17 @@ from typing import Optional
 def build_parser() -> argparse.ArgumentParser:
     from convert.cli import add_convert_arguments, add_export_arguments, run_convert, run_export
 
+    from .cli_generate import add_chat_arguments, add_generate_arguments, run_chat, run_generate
+
     parser = argparse.ArgumentParser(prog="mlx-mobilellm",
                                      description="Run, convert and fine-tune MobileLLM models with MLX.")
     commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="stream text from a model")
+    add_generate_arguments(generate)
+    generate.set_defaults(run=run_generate)
+    chat = commands.add_parser("chat", help="a chat in the terminal that keeps its KV cache")
+    add_chat_arguments(chat)
+    chat.set_defaults(run=run_chat)
     convert = commands.add_parser("convert", help="a checkpoint (HF, GGUF, ...) → an MLX model folder")
     add_convert_arguments(convert)
     convert.set_defaults(run=run_convert)

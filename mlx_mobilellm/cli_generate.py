@@ -1,0 +1,166 @@
+"""`mlx-mobilellm generate` and `mlx-mobilellm chat`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import CheckpointError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="MLX folder, Hugging Face folder, .gguf file or hub repo "
+                        "id (default: the built-in SmolLM2-135M-Instruct demo model)")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="compute dtype; default: the checkpoint's on a GPU, float32 on the CPU")
+    parser.add_argument("--draft-model", help="a smaller model with the same tokenizer for "
+                        "speculative decoding")
+    parser.add_argument("--num-draft-tokens", type=int, default=3)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", "-m", type=int, default=256)
+    parser.add_argument("--temp", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--repetition-context-size", type=int, default=20)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--max-kv-size", type=int, help="bound the KV cache (long chats)")
+    parser.add_argument("--system", help="a system message for the chat template")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", "-p", required=True, help="the prompt; - reads standard input")
+    add_sampling_arguments(parser)
+    parser.add_argument("--ignore-chat-template", action="store_true",
+                        help="use the prompt as plain text even if the model has a chat template")
+    parser.add_argument("--verbose", action="store_true", help="print speed and memory at the end")
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+
+
+def _check_values(args) -> None:
+    if args.max_tokens < 1:
+        raise CheckpointError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.max_kv_size is not None and args.max_kv_size < 8:
+        raise CheckpointError(f"--max-kv-size must be at least 8, got {args.max_kv_size}")
+    if args.num_draft_tokens < 1:
+        raise CheckpointError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
+
+
+def load_for_generation(spec, dtype):
+    from .compute_dtype import for_fast_compute
+    from .demo import demo_model_path
+    from .loading import load
+
+    model, tokenizer = load(spec or demo_model_path(), dtype)
+    if tokenizer is None:
+        raise CheckpointError(f"{spec}: has no tokenizer files; generation needs one")
+    return (model if dtype else for_fast_compute(model)), tokenizer
+
+
+def _options(args) -> dict:
+    try:
+        from .sampling import make_sampler
+
+        make_sampler(args.temp, args.top_p, args.top_k, args.min_p)  # validate early
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    return dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty,
+                repetition_context_size=args.repetition_context_size, stop=args.stop,
+                max_kv_size=args.max_kv_size, num_draft_tokens=args.num_draft_tokens)
+
+
+def _messages(system, user_text):
+    return ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": user_text}]
+
+
+def run_generate(args) -> None:
+    from .generate import format_stats, stream_generate
+
+    _check_values(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load_for_generation(args.model, args.dtype)
+    draft = load_for_generation(args.draft_model, args.dtype)[0] if args.draft_model else None
+    if tokenizer.chat_template and not args.ignore_chat_template:
+        prompt = tokenizer.apply_chat_template(_messages(args.system, prompt))
+    if args.seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)
+    response = None
+    try:
+        for response in stream_generate(model, tokenizer, prompt, args.max_tokens,
+                                        draft_model=draft, **_options(args)):
+            print(response.text, end="", flush=True)
+    except ValueError as error:  # a prompt longer than the context, ...
+        raise CheckpointError(str(error)) from None
+    print()
+    if args.verbose and response is not None:
+        print(format_stats(response), file=sys.stderr)
+
+
+def run_chat(args) -> None:
+    from .generate import PromptCache, format_stats, stream_generate
+
+    _check_values(args)
+    model, tokenizer = load_for_generation(args.model, args.dtype)
+    draft = load_for_generation(args.draft_model, args.dtype)[0] if args.draft_model else None
+    if args.seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)
+    options = _options(args)
+
+    def new_session():
+        return ([{"role": "system", "content": args.system}] if args.system else [],
+                PromptCache.for_model(model, args.max_kv_size))
+
+    history, cache = new_session()
+    print("chat: /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops an answer", file=sys.stderr)
+    while True:
+        try:
+            line = input(">> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history, cache = new_session()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = (tokenizer.apply_chat_template(history) if tokenizer.chat_template
+                  else tokenizer.encode(line))
+        answer, response = "", None
+        try:
+            for response in stream_generate(model, tokenizer, prompt, args.max_tokens,
+                                            prompt_cache=cache, draft_model=draft, **options):
+                print(response.text, end="", flush=True)
+                answer += response.text
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": answer})
+        if response is not None:
+            print(format_stats(response), file=sys.stderr)
