@@ -97,7 +97,7 @@ class RotatingKVCache(KVCache):
         return self.offset == self.keys.shape[2] if self.keys is not None else True
 
     def trim(self, count: int) -> int:
-        if not self.trimmable:
+        if not self.trimmable or self.keys is None:  # rotated, or nothing cached yet
             return 0
         count = min(count, self.offset)
         self.offset -= count

@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .cache import RotatingKVCache
 from .detokenizer import StreamingDetokenizer
 from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 
@@ -88,14 +89,17 @@ def _next_token(logits: mx.array, history: mx.array, sampler: Sampler,
 
 
 def generate_step(model, prompt: mx.array, cache: list, sampler: Sampler,
-                  processors: Sequence[LogitsProcessor] = ()) -> Iterator[int]:
+                  processors: Sequence[LogitsProcessor] = (),
+                  history: Optional[mx.array] = None) -> Iterator[int]:
     """Yield token ids after `prompt` (1-D ids not yet in `cache`), forever.
+
+    history: the whole context the processors see (cached tokens + prompt); default `prompt`.
 
     The next step is queued (mx.async_eval) before the current token is handed out, so the
     device computes token n+1 while the host streams token n.
     """
     _prefill(model, prompt[:-1], cache)
-    history = prompt
+    history = prompt if history is None else history
 
     def step(tokens: mx.array) -> mx.array:
         nonlocal history
@@ -166,11 +170,11 @@ class _StopStrings:
     def feed(self, text: str):
         """(text safe to emit, whether a stop string was reached)."""
         self.pending += text
-        for stop in self.stops:
-            at = self.pending.find(stop)
-            if at >= 0:
-                out, self.pending = self.pending[:at], ""
-                return out, True
+        # The earliest match: one delta may hold several stop strings.
+        found = [at for at in (self.pending.find(stop) for stop in self.stops) if at >= 0]
+        if found:
+            out, self.pending = self.pending[: min(found)], ""
+            return out, True
         hold = max((n for stop in self.stops for n in range(1, len(stop))
                     if self.pending.endswith(stop[:n])), default=0)
         out = self.pending[: len(self.pending) - hold]
@@ -216,6 +220,10 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
               else [*tokenizer.eos_token_ids, *model.config.eos_token_ids])
     if prompt_cache is None:
         prompt_cache = PromptCache.for_model(model, max_kv_size)
+    if draft_model is not None and any(isinstance(c, RotatingKVCache) for c in prompt_cache.cache):
+        # A rotated cache cannot take back rejected draft tokens.
+        raise ValueError("speculative decoding needs an unbounded KV cache; drop max_kv_size "
+                         "(--max-kv-size) or the draft model")
     cached = prompt_cache.reuse(ids)
     new_prompt = mx.array(ids[cached:], dtype=mx.int32)
 
@@ -228,7 +236,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
         tokens = speculative_generate_step(model, draft_model, new_prompt, prompt_cache.cache,
                                            draft_cache, sampler, num_draft_tokens, draft_stats)
     else:
-        tokens = generate_step(model, new_prompt, prompt_cache.cache, sampler, processors)
+        tokens = generate_step(model, new_prompt, prompt_cache.cache, sampler, processors,
+                               mx.array(ids, dtype=mx.int32))
 
     detokenizer = StreamingDetokenizer(tokenizer)
     stops = _StopStrings(stop)
@@ -237,29 +246,32 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_tps = 0.0
-    for count, token in enumerate(tokens, start=1):
-        if count == 1:
-            first = time.perf_counter()
-            prompt_tps = len(new_prompt) / max(first - start, 1e-9)
-        generated.append(token)
-        finish = "stop" if token in eos else ("length" if count >= max_tokens else None)
-        text = detokenizer.add_token(token) if token not in eos else ""
-        if finish:
-            text += detokenizer.finalize()
-        text, stopped = stops.feed(text)
-        if stopped:
-            finish = "stop"
-        elif finish:
-            text += stops.flush()
-        elapsed = time.perf_counter() - first
-        yield GenerationResponse(
-            text=text, token=token, prompt_tokens=len(new_prompt), prompt_tps=prompt_tps,
-            generation_tokens=count, generation_tps=(count - 1) / elapsed if count > 1 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, cached_tokens=cached)
-        if finish:
-            break
-    # The cache may hold one token more than was handed out (the queued next step).
-    prompt_cache.tokens = (ids + generated)[: prompt_cache.cache[0].offset]
+    try:
+        for count, token in enumerate(tokens, start=1):
+            if count == 1:
+                first = time.perf_counter()
+                prompt_tps = len(new_prompt) / max(first - start, 1e-9)
+            generated.append(token)
+            finish = "stop" if token in eos else ("length" if count >= max_tokens else None)
+            text = detokenizer.add_token(token) if token not in eos else ""
+            if finish:
+                text += detokenizer.finalize()
+            text, stopped = stops.feed(text)
+            if stopped:
+                finish = "stop"
+            elif finish:
+                text += stops.flush()
+            elapsed = time.perf_counter() - first
+            yield GenerationResponse(
+                text=text, token=token, prompt_tokens=len(new_prompt), prompt_tps=prompt_tps,
+                generation_tokens=count, generation_tps=(count - 1) / elapsed if count > 1 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, cached_tokens=cached)
+            if finish:
+                break
+    finally:
+        # Also when the caller stops early (Ctrl-C in a chat): the cache keeps what it holds.
+        # It may hold one token more than was handed out (the queued next step).
+        prompt_cache.tokens = (ids + generated)[: prompt_cache.cache[0].offset]
 
 
 def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, verbose: bool = False,
