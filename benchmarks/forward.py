@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from convert.names import from_ours
+from common import attempt, log, machine
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig, get_mobilellm_config
 
 # name: (config, batch, tokens per row)
@@ -41,19 +39,6 @@ SHAPES = {
     "r1-140m": (lambda: get_mobilellm_config("140m"), 1, 256),
 }
 LOGITS_TOLERANCE = 1e-3  # max abs difference between our and mlx-lm's fp32 logits
-
-
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
-
-
-def attempt(fn: Callable):
-    """fn()'s result, or the error as a string (so one failure does not lose the other figures)."""
-    try:
-        return fn()
-    except Exception as error:  # noqa: BLE001 - recorded in the JSON, not hidden
-        log(f"  error: {error!r}")
-        return {"error": f"{type(error).__name__}: {error}"}
 
 
 @dataclass
@@ -218,24 +203,6 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("mlx.core.")
 
 
-def machine(dtype) -> dict:
-    cpu = platform.processor()
-    if not cpu and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return {
-        "platform": platform.platform(),
-        "processor": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # other work on the CPUs
-        "mlx": mx.__version__,
-        "backend": str(mx.default_device()),
-        "dtype": dtype_name(dtype),
-        "blas": ("openblas (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "")
-                 else "mlx bundled (reference)"),
-    }
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -250,7 +217,7 @@ def main():
         mlx_lm_version = mlx_lm.__version__
     except Exception as error:  # noqa: BLE001
         mlx_lm_version = f"not importable: {error}"
-    report = {"machine": {**machine(dtype), "mlx_lm": mlx_lm_version}, "repeats": args.repeats,
+    report = {"machine": machine(dtype=dtype_name(dtype), mlx_lm=mlx_lm_version), "repeats": args.repeats,
               "shapes": {name: bench_shape(name, args.batch, args.tokens, dtype, args.repeats)
                          for name in args.shapes}}
     print(json.dumps(report, indent=2))

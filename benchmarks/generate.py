@@ -31,7 +31,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -45,6 +44,8 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+
+from common import attempt, log, machine
 
 # MobileLLM-R1's sizes (DESIGN.md); vocabulary 128256, head width 64.
 SHAPES = {
@@ -61,19 +62,6 @@ SETTINGS = {
     "bfloat16": dict(dtype="bfloat16"),
     "4bit": dict(quantize=True, q_bits=4, q_group_size=64),
 }
-
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def attempt(fn: Callable):
-    """fn()'s result, or the error as a string (so one failure does not lose the other figures)."""
-    try:
-        return fn()
-    except Exception as error:  # noqa: BLE001 - recorded in the JSON, not hidden
-        log(f"  error: {error!r}")
-        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def build_checkpoint(shape: str, folder: Path) -> None:
@@ -242,26 +230,6 @@ def bench_shape(shape: str, args, work: Path) -> dict:
     return out
 
 
-def machine() -> dict:
-    import mlx_lm
-
-    cpu = platform.processor()
-    if not cpu and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return {
-        "platform": platform.platform(),
-        "processor": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # other work on the CPUs
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "backend": str(mx.default_device()),
-        "blas": ("openblas (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "")
-                 else "mlx bundled (reference)"),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -278,7 +246,7 @@ def main() -> None:
     if args.gen_tokens < 2:
         parser.error("--gen-tokens must be at least 2 (decode speed needs two tokens)")
 
-    report = {"machine": machine(),
+    report = {"machine": machine(mlx_lm=__import__("mlx_lm").__version__),
               "settings": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
                            "repeats": args.repeats, "sampling": "greedy",
                            "quantization": SETTINGS["4bit"]},

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import time
-
-import mlx.core as mx
 
 import mlx_mobilellm
 from mlx_mobilellm.compute_dtype import for_fast_compute
 from mlx_mobilellm.demo import demo_model_path
 from mlx_mobilellm.models import MobileLLM
+from common import machine
 
 PROMPTS = ["Explain why the sky is blue in two sentences.",
            "Write a Python function that reverses a string.",
@@ -75,11 +71,8 @@ def main() -> None:
             entry["speedups"].append(round(tps / plain_tps, 3))
     for entry in results.values():
         entry["acceptance_rate"] = round(entry["accepted"] / max(entry["drafted"], 1), 3)
-    preload = os.environ.get("LD_PRELOAD", "")
     print(json.dumps({
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "backend": str(mx.default_device()), "dtype": "float32",
-                    "blas": "openblas (LD_PRELOAD)" if "openblas" in preload else "mlx bundled (reference)"},
+        "machine": machine(dtype="float32"),
         "model": "SmolLM2-135M-Instruct (demo), greedy", "max_tokens": args.max_tokens,
         "num_draft_tokens": args.num_draft, "drafts": results}, indent=2))
 
