@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -11,16 +10,13 @@ import mlx.nn as nn
 
 from mlx_mobilellm.errors import CheckpointError
 from mlx_mobilellm.loading import DTYPES, check_weights
-from mlx_mobilellm.model_folder import CONFIG_FILE, folder_config, quantize_like, write_json
+from mlx_mobilellm.model_folder import folder_config, quantize_like
 from mlx_mobilellm.models.mobilellm import MobileLLM
 
 from .progress import progress
 from .sources import Checkpoint, open_checkpoint
-from .writer import MAX_SHARD_BYTES, ShardWriter, atomic_folder
+from .writer import MAX_SHARD_BYTES, write_model_folder
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
-                   "chat_template.json")
 Q_BITS = (2, 3, 4, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 
@@ -84,17 +80,6 @@ def _model_card(checkpoint: Checkpoint, dtype, quantization) -> str:
             "`mlx-mobilellm export --model PATH --hf-path OUT`.\n")
 
 
-def _copy_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:
-    if checkpoint.folder is not None:
-        for name in TOKENIZER_FILES:
-            if (checkpoint.folder / name).exists():
-                shutil.copyfile(checkpoint.folder / name, folder / name)
-    elif checkpoint.gguf_metadata is not None:
-        from .gguf_tokenizer import write_tokenizer_files
-
-        write_tokenizer_files(checkpoint.gguf_metadata, folder)
-
-
 def convert(source, mlx_path, *, source_format: Optional[str] = None, dtype: Optional[str] = None,
             quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, force: bool = False,
             quiet: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
@@ -118,18 +103,16 @@ def convert(source, mlx_path, *, source_format: Optional[str] = None, dtype: Opt
     quantization = checkpoint.quantization
     if quantize:
         quantization = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
-    with atomic_folder(mlx_path, force) as folder:
-        writer = ShardWriter(folder, max_shard_bytes, destination=mlx_path)
-        convert_tensor = _tensor_converter(checkpoint, dtype, q_bits if quantize else None,
-                                           q_group_size)
+    convert_tensor = _tensor_converter(checkpoint, dtype, q_bits if quantize else None,
+                                       q_group_size)
+
+    def converted():
         names = list(checkpoint.weights)
         for name in progress(names, len(names), "converting", quiet):
             # Popped, so that each source tensor is freed once converted.
-            for out_name, out_array in convert_tensor(name, checkpoint.weights.pop(name)):
-                writer.add(out_name, out_array)
-        writer.close()
-        write_json(folder / CONFIG_FILE,
-                   folder_config(checkpoint.config, quantization, checkpoint.export_format))
-        _copy_tokenizer(checkpoint, folder)
-        (folder / "README.md").write_text(_model_card(checkpoint, dtype, quantization))
-    return mlx_path
+            yield from convert_tensor(name, checkpoint.weights.pop(name))
+
+    return write_model_folder(
+        mlx_path, converted(), folder_config(checkpoint.config, quantization, checkpoint.export_format),
+        checkpoint, _model_card(checkpoint, dtype, quantization), force=force,
+        max_shard_bytes=max_shard_bytes)

@@ -26,12 +26,11 @@ from mlx_mobilellm.loading import DTYPES
 from mlx_mobilellm.model_folder import CONFIG_FILE, write_json
 from mlx_mobilellm.models.config import MobileLLMConfig
 
-from .convert import TOKENIZER_FILES
 from .hf_config import SUPPORTED_MODEL_TYPES, config_to_hf
 from .names import from_ours
 from .progress import progress
 from .sources import Checkpoint, open_checkpoint
-from .writer import MAX_SHARD_BYTES, ShardWriter, atomic_folder
+from .writer import MAX_SHARD_BYTES, TOKENIZER_FILES, ShardWriter, atomic_folder
 
 EXPORT_FORMATS = SUPPORTED_MODEL_TYPES + ("cheapertraining",)
 # Whether each format stores Q/K rows for interleaved-pair RoPE (True) or rotate-half (False).

@@ -7,14 +7,17 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional, Tuple
 
 import mlx.core as mx
 
 from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.model_folder import INDEX_FILE
+from mlx_mobilellm.model_folder import CONFIG_FILE, INDEX_FILE, write_json
 
 MAX_SHARD_BYTES = 5 * 10**9
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
+                   "chat_template.json")
 
 
 @contextlib.contextmanager
@@ -90,3 +93,34 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+
+def copy_tokenizer_files(checkpoint, folder: Path) -> None:
+    """The tokenizer files of a checkpoint's folder, or those rebuilt from its GGUF metadata."""
+    if checkpoint.folder is not None:
+        for name in TOKENIZER_FILES:
+            if (checkpoint.folder / name).exists():
+                shutil.copyfile(checkpoint.folder / name, folder / name)
+    elif checkpoint.gguf_metadata is not None:
+        from .gguf_tokenizer import write_tokenizer_files
+
+        write_tokenizer_files(checkpoint.gguf_metadata, folder)
+
+
+def write_model_folder(mlx_path, tensors: Iterable[Tuple[str, mx.array]], config: dict,
+                       tokenizer_source, readme: str, *, force: bool = False,
+                       max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """An MLX model folder (see mlx_mobilellm.model_folder) at `mlx_path`: the (name, array)
+    pairs in shards, `config` as config.json, the tokenizer files of `tokenizer_source` (a
+    convert.sources.Checkpoint, or None) and `readme` as README.md; written atomically."""
+    mlx_path = Path(mlx_path)
+    with atomic_folder(mlx_path, force) as folder:
+        writer = ShardWriter(folder, max_shard_bytes, destination=mlx_path)
+        for name, array in tensors:
+            writer.add(name, array)
+        writer.close()
+        write_json(folder / CONFIG_FILE, config)
+        if tokenizer_source is not None:
+            copy_tokenizer_files(tokenizer_source, folder)
+        (folder / "README.md").write_text(readme)
+    return mlx_path

@@ -11,6 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from convert.cli import add_convert_arguments, add_export_arguments, run_convert, run_export
 
     from .cli_generate import add_chat_arguments, add_generate_arguments, run_chat, run_generate
+    from .cli_lora import add_fuse_arguments, add_lora_arguments, run_fuse, run_lora
 
     parser = argparse.ArgumentParser(prog="mlx-mobilellm",
                                      description="Run, convert and fine-tune MobileLLM models with MLX.")
@@ -27,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="an MLX model folder → Hugging Face safetensors or GGUF")
     add_export_arguments(export)
     export.set_defaults(run=run_export)
+    lora = commands.add_parser("lora", help="fine-tune LoRA / DoRA adapters (QLoRA on quantized "
+                               "models) on JSONL data")
+    add_lora_arguments(lora)
+    lora.set_defaults(run=run_lora)
+    fuse = commands.add_parser("fuse", help="merge adapters into the weights → an MLX model folder "
+                               "(and a Hugging Face one)")
+    add_fuse_arguments(fuse)
+    fuse.set_defaults(run=run_fuse)
     return parser
 
 

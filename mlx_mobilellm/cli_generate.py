@@ -15,6 +15,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "id (default: the built-in SmolLM2-135M-Instruct demo model)")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="compute dtype; default: the checkpoint's on a GPU, float32 on the CPU")
+    parser.add_argument("--adapter-path", help="a folder of fine-tuned LoRA/DoRA adapters "
+                        "(from `mlx-mobilellm lora`) to apply to --model")
     parser.add_argument("--draft-model", help="a smaller model with the same tokenizer for "
                         "speculative decoding")
     parser.add_argument("--num-draft-tokens", type=int, default=3)
@@ -57,15 +59,19 @@ def _check_values(args) -> None:
         raise CheckpointError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
 
 
-def load_for_generation(spec, dtype):
+def load_for_generation(spec, dtype, adapter_path=None):
     from .compute_dtype import for_fast_compute
     from .demo import demo_model_path
     from .loading import load
+    from .lora import load_adapters
 
     model, tokenizer = load(spec or demo_model_path(), dtype)
     if tokenizer is None:
         raise CheckpointError(f"{spec}: has no tokenizer files; generation needs one")
-    return (model if dtype else for_fast_compute(model)), tokenizer
+    model = model if dtype else for_fast_compute(model)
+    if adapter_path:  # after the compute dtype is chosen: for_fast_compute rebuilds the model
+        load_adapters(model, adapter_path)
+    return model, tokenizer
 
 
 def _options(args) -> dict:
@@ -91,7 +97,7 @@ def run_generate(args) -> None:
 
     _check_values(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_for_generation(args.model, args.dtype)
+    model, tokenizer = load_for_generation(args.model, args.dtype, args.adapter_path)
     draft = load_for_generation(args.draft_model, args.dtype)[0] if args.draft_model else None
     if tokenizer.chat_template and not args.ignore_chat_template:
         prompt = tokenizer.apply_chat_template(_messages(args.system, prompt))
@@ -115,7 +121,7 @@ def run_chat(args) -> None:
     from .generate import PromptCache, format_stats, stream_generate
 
     _check_values(args)
-    model, tokenizer = load_for_generation(args.model, args.dtype)
+    model, tokenizer = load_for_generation(args.model, args.dtype, args.adapter_path)
     draft = load_for_generation(args.draft_model, args.dtype)[0] if args.draft_model else None
     if args.seed is not None:
         import mlx.core as mx

@@ -55,13 +55,15 @@ def build_model(config: MobileLLMConfig, weights: dict, where: str,
     return model
 
 
-def load(path, dtype: Optional[str] = None) -> Tuple[MobileLLM, Optional[Tokenizer]]:
+def load(path, dtype: Optional[str] = None,
+         adapter_path=None) -> Tuple[MobileLLM, Optional[Tokenizer]]:
     """(model, tokenizer) from an MLX model folder, a Hugging Face folder (MobileLLM-R1,
     Llama, original MobileLLM), a CheaperTraining-style safetensors folder, a .gguf file or a
     hub repo id. Anything but an MLX folder is converted in memory; nothing is written.
 
     dtype ("float32", "float16", "bfloat16") casts the float weights; None keeps the
-    checkpoint's. The tokenizer is None when the source has none.
+    checkpoint's. adapter_path: a folder of fine-tuned adapters to apply (unfused; see
+    `mlx-mobilellm fuse` to merge them). The tokenizer is None when the source has none.
     """
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -75,4 +77,8 @@ def load(path, dtype: Optional[str] = None) -> Tuple[MobileLLM, Optional[Tokeniz
         tokenizer = tokenizer_from_gguf_metadata(checkpoint.gguf_metadata, checkpoint.origin, eos)
     else:
         tokenizer = tokenizer_from_files(read_tokenizer_files(checkpoint.folder), checkpoint.origin, eos)
+    if adapter_path is not None:
+        from .lora import load_adapters
+
+        load_adapters(model, adapter_path)
     return model, tokenizer

@@ -1,0 +1,45 @@
+"""A model object in memory → an MLX model folder (what `fuse` writes after merging adapters)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_mobilellm.model_folder import folder_config
+from mlx_mobilellm.models.mobilellm import MobileLLM
+
+from .progress import progress
+from .writer import MAX_SHARD_BYTES, write_model_folder
+
+_QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def model_quantization(model: MobileLLM) -> Optional[dict]:
+    """config.json's quantization block for the model's quantized layers: the most common
+    (group_size, bits, mode) as the default, and an override for each layer that differs
+    (see mlx_mobilellm.model_folder.quantize_like, which reads it back). None if none is."""
+    layers = {path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+              for path, m in model.named_modules() if isinstance(m, _QUANTIZED)}
+    if not layers:
+        return None
+    common = Counter(tuple(p.items()) for p in layers.values()).most_common(1)[0][0]
+    default = dict(common)
+    overrides = {path: params for path, params in sorted(layers.items()) if params != default}
+    return {**default, **overrides}
+
+
+def save_model(model: MobileLLM, mlx_path, source_format: Optional[str], tokenizer_source=None,
+               *, readme: str = "", force: bool = False, quiet: bool = False,
+               max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write `model`'s parameters, config (recording `source_format`, the format export writes
+    back by default) and the tokenizer files of `tokenizer_source` (a convert.sources.Checkpoint,
+    or None) as an MLX model folder that mlx_mobilellm.load reads back."""
+    weights = tree_flatten(model.parameters())
+    config = folder_config(model.config, model_quantization(model), source_format)
+    readme = readme or (f"# {Path(mlx_path).name}\n\nMLX model folder written by mlx-mobilellm.\n")
+    return write_model_folder(mlx_path, progress(weights, len(weights), "saving", quiet), config,
+                              tokenizer_source, readme, force=force, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,414 @@
+"""`mlx-mobilellm lora` (fine-tune LoRA / DoRA adapters, QLoRA on quantized models) and
+`mlx-mobilellm fuse` (merge adapters into the weights and write a model folder).
+
+Flags are mlx-lm's where the idea is the same. Every `lora` option can also come from a
+`--config` file (YAML or JSON, the option names with underscores; mlx-lm's
+`lora_parameters: {rank, scale, dropout, keys}` block is read too); flags given on the command
+line override the file, and the file overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+from .errors import CheckpointError
+
+FINE_TUNE_TYPES = ("lora", "dora")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _key_list(value) -> tuple:
+    """--lora-keys q_proj,v_proj (or a list in a config file)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(k, str) for k in items):
+        raise ValueError("expected layer names, e.g. q_proj,v_proj")
+    return tuple(k.strip() for k in items if k.strip())
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    """The config-file key; the flag is --name-with-hyphens."""
+    default: Any
+    help: str
+    type: Optional[Callable] = None
+    """None: a switch (on when given)."""
+    choices: tuple = ()
+
+
+_DTYPE_HELP = (
+    "float32: dequantize a quantized model and train in float32. Default: train the model as "
+    "loaded, so a quantized model gets QLoRA (adapters over the frozen quantized weights, as on "
+    "a Mac). On MLX's CPU backend quantized matmuls have no fast backward pass: the 4-bit demo "
+    "model takes about 30 s a step there against about 2 s in float32 (with OpenBLAS preloaded; "
+    "see the README), so pass --dtype float32 on the CPU when memory allows.")
+
+LORA_OPTIONS = (
+    Option("model", None, "base model: MLX folder, Hugging Face folder, .gguf file or hub repo "
+           "id (default: the built-in SmolLM2-135M-Instruct demo model)", str),
+    Option("dtype", None, _DTYPE_HELP, str, ("float32",)),
+    Option("train", False, "train adapters"),
+    Option("data", None, "folder with train.jsonl, valid.jsonl and (for --test) test.jsonl; "
+           'lines of {"text"}, {"prompt", "completion"} or {"messages"}', str),
+    Option("fine_tune_type", "lora", "lora or dora (full fine-tuning is not offered)", str,
+           FINE_TUNE_TYPES),
+    Option("num_layers", 16, "adapt the last N blocks; -1: all (a model with fewer blocks "
+           "than the default adapts all)", int),
+    Option("lora_rank", 8, "adapter rank", int),
+    Option("lora_scale", 20.0, "adapter output scale", float),
+    Option("lora_dropout", 0.0, "dropout on the adapter input", float),
+    Option("lora_keys", None, "comma-separated layer names to adapt (default: q_proj, k_proj, "
+           "v_proj, o_proj, gate_proj, up_proj, down_proj)", _key_list),
+    Option("mask_prompt", False, "learn only the completion / last assistant message"),
+    Option("max_seq_length", 2048, "truncate longer examples to this many tokens", int),
+    Option("batch_size", 4, "examples per step", int),
+    Option("iters", 1000, "training steps", int),
+    Option("learning_rate", 1e-5, "peak learning rate", float),
+    Option("optimizer", "adam", "adam, adamw or sgd", str, OPTIMIZERS),
+    Option("weight_decay", 0.0, "weight decay (adamw, sgd)", float),
+    Option("lr_schedule", "constant", "constant, cosine or linear decay after the warmup", str,
+           LR_SCHEDULES),
+    Option("warmup", 0, "linear warmup steps", int),
+    Option("grad_accumulation_steps", 1, "micro-batches per optimizer step", int),
+    Option("grad_clip", None, "clip the gradients' global norm to this", float),
+    Option("grad_checkpoint", False, "recompute activations in the backward pass (less memory)"),
+    Option("seed", 0, "random seed (adapter init, batch order, dropout)", int),
+    Option("steps_per_report", 10, "steps between training-loss reports", int),
+    Option("steps_per_eval", 200, "steps between validation losses", int),
+    Option("val_batches", 25, "validation batches; -1: the whole set", int),
+    Option("save_every", 100, "steps between checkpoints (for --resume)", int),
+    Option("adapter_path", "adapters", "folder for adapters.safetensors, adapter_config.json, "
+           "metrics.jsonl, loss_curve.png and the checkpoint", str),
+    Option("resume", False, "continue from the checkpoint in --adapter-path"),
+    Option("test", False, "report the test loss and perplexity (after training, or of the "
+           "adapters already in --adapter-path)"),
+    Option("test_batches", 500, "test batches; -1: the whole set", int),
+    Option("quiet", False, "no progress bar or reports"),
+)
+OPTIONS_BY_NAME = {option.name: option for option in LORA_OPTIONS}
+# mlx-lm's YAML block → our option names.
+LORA_PARAMETERS = {"rank": "lora_rank", "scale": "lora_scale", "dropout": "lora_dropout",
+                   "keys": "lora_keys"}
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults stay None here: an option is "given" when it is not None, so that it can
+    # override the config file, which overrides OPTIONS' defaults (see settings()).
+    for option in LORA_OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        default = "" if option.default is None else f" (default: {option.default})"
+        if option.type is None:
+            parser.add_argument(flag, action="store_true", default=None, help=option.help)
+        else:
+            parser.add_argument(flag, type=option.type, choices=option.choices or None,
+                                help=option.help + default)
+    parser.add_argument("-c", "--config", help="YAML or JSON file of these options (underscores: "
+                        "learning_rate: 1e-4); flags given here override it")
+
+
+# --- settings: defaults < config file < command line --------------------------------------
+
+def _coerce(option: Option, value, where: str):
+    """A config-file value as the flag's type would give it."""
+    wrong = CheckpointError(f"{where}: option '{option.name}' cannot be {value!r}; "
+                            f"{option.help}")
+    if option.type is None:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if isinstance(value, bool) or (option.type is int and isinstance(value, float)):
+        raise wrong
+    if option.type is str and not isinstance(value, str):
+        raise wrong
+    try:
+        value = option.type(value)
+    except (TypeError, ValueError):
+        raise wrong from None
+    if option.choices and value not in option.choices:
+        raise CheckpointError(f"{where}: option '{option.name}' is {value!r}; use one of "
+                              f"{', '.join(option.choices)}")
+    return value
+
+
+def read_config_file(path) -> dict:
+    """{option name: value} from a YAML or JSON config file, checked and typed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read the config file ({error.strerror})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(text)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise CheckpointError(f"{path}: reading YAML needs pyyaml (pip install pyyaml); "
+                                  "or write the config as .json") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise CheckpointError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a mapping of option names to values")
+    raw = dict(raw)
+    nested = raw.pop("lora_parameters", None) or {}
+    if not isinstance(nested, dict) or set(nested) - set(LORA_PARAMETERS):
+        raise CheckpointError(f"{path}: lora_parameters may hold only {', '.join(LORA_PARAMETERS)}")
+    raw.update({LORA_PARAMETERS[k]: v for k, v in nested.items()})
+    values = {}
+    for name, value in raw.items():
+        option = OPTIONS_BY_NAME.get(str(name).replace("-", "_"))
+        if option is None:
+            raise CheckpointError(f"{path}: unknown option '{name}' (the options are the flags of "
+                                  "`mlx-mobilellm lora --help`, with underscores)")
+        if value is not None:
+            values[option.name] = _coerce(option, value, str(path))
+    return values
+
+
+def settings(args: argparse.Namespace) -> SimpleNamespace:
+    values = {option.name: option.default for option in LORA_OPTIONS}
+    if args.config:
+        values.update(read_config_file(args.config))
+    values.update({name: getattr(args, name) for name in OPTIONS_BY_NAME
+                   if getattr(args, name, None) is not None})
+    _check(values)
+    return SimpleNamespace(**values)
+
+
+def _check(values: dict) -> None:
+    def at_least(name, low):
+        if values[name] is not None and values[name] < low:
+            raise CheckpointError(f"--{name.replace('_', '-')} must be at least {low}, "
+                                  f"got {values[name]}")
+
+    for name in ("iters", "batch_size", "lora_rank", "grad_accumulation_steps",
+                 "steps_per_report", "steps_per_eval", "save_every"):
+        at_least(name, 1)
+    at_least("max_seq_length", 2)
+    at_least("warmup", 0)
+    for name in ("num_layers", "val_batches", "test_batches"):
+        if values[name] == 0 or values[name] < -1:
+            raise CheckpointError(f"--{name.replace('_', '-')} must be -1 (all) or at least 1, "
+                                  f"got {values[name]}")
+    if not values["learning_rate"] > 0:
+        raise CheckpointError(f"--learning-rate must be positive, got {values['learning_rate']}")
+    if values["grad_clip"] is not None and not values["grad_clip"] > 0:
+        raise CheckpointError(f"--grad-clip must be positive, got {values['grad_clip']}")
+    if not 0 <= values["lora_dropout"] < 1:
+        raise CheckpointError(f"--lora-dropout must be in [0, 1), got {values['lora_dropout']}")
+    if values["lora_keys"] is not None:
+        from .lora import DEFAULT_TARGETS
+
+        unknown = [k for k in values["lora_keys"] if k not in DEFAULT_TARGETS]
+        if unknown or not values["lora_keys"]:
+            raise CheckpointError(f"--lora-keys: unknown layer name(s) {unknown}; choose from "
+                                  f"{', '.join(DEFAULT_TARGETS)}")
+    if not values["train"] and not values["test"]:
+        raise CheckpointError("nothing to do: pass --train (and/or --test)")
+    if values["data"] is None:
+        raise CheckpointError("--data DIR is needed: a folder with train.jsonl and valid.jsonl "
+                              "(and test.jsonl for --test)")
+
+
+# --- lora ---------------------------------------------------------------------------------
+
+def _model_spec(spec) -> str:
+    """How adapter_config.json records the base model: an absolute path when it is local."""
+    if spec is None:
+        from .demo import demo_model_path
+
+        return str(demo_model_path())
+    return str(Path(spec).resolve()) if Path(spec).exists() else str(spec)
+
+
+def load_base(spec: str, dtype: Optional[str], quiet: bool):
+    from .compute_dtype import dequantized, on_cpu
+    from .loading import load
+
+    model, tokenizer = load(spec)
+    if tokenizer is None:
+        raise CheckpointError(f"{spec}: has no tokenizer files; fine-tuning needs one")
+    quantized = any(".scales" in name for name in _parameter_names(model))
+    if dtype == "float32":
+        model = dequantized(model)
+    elif quantized and on_cpu() and not quiet:
+        print("note: training a quantized model on the CPU is slow (quantized matmuls have no "
+              "fast backward pass there); --dtype float32 dequantizes it first", file=sys.stderr)
+    return model, tokenizer
+
+
+def _parameter_names(model) -> list:
+    from mlx.utils import tree_flatten
+
+    return [name for name, _ in tree_flatten(model.parameters())]
+
+
+def _adapter_config(s: SimpleNamespace, model, spec: str) -> dict:
+    from .lora import DEFAULT_TARGETS
+
+    layers = len(model.decoder.layers)
+    if s.num_layers > layers:
+        if s.num_layers != OPTIONS_BY_NAME["num_layers"].default:  # asked for explicitly
+            raise CheckpointError(f"--num-layers {s.num_layers}: the model has only {layers} "
+                                  "blocks; use -1 for all")
+    count = layers if s.num_layers == -1 else min(s.num_layers, layers)
+    return {"fine_tune_type": s.fine_tune_type, "rank": s.lora_rank, "scale": s.lora_scale,
+            "dropout": s.lora_dropout, "keys": list(s.lora_keys or DEFAULT_TARGETS),
+            "num_layers": count, "model": spec, "dtype": s.dtype}
+
+
+def _check_resumable(folder: Path, adapter_config: dict) -> None:
+    """A checkpoint's adapters must have the shapes this run makes."""
+    from .lora import ADAPTER_CONFIG
+    from .training.trainer import CHECKPOINT_DIR
+
+    path = folder / CHECKPOINT_DIR / ADAPTER_CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{folder / CHECKPOINT_DIR}: no checkpoint to resume from")
+    saved = json.loads(path.read_text())
+    for key in ("fine_tune_type", "rank", "keys", "num_layers"):
+        if saved.get(key) != adapter_config[key]:
+            raise CheckpointError(f"{path}: the checkpoint has {key} {saved.get(key)!r} but this "
+                                  f"run asks for {adapter_config[key]!r}; resume with the same "
+                                  "adapter options")
+
+
+def _training_args(s: SimpleNamespace):
+    from .training.trainer import TrainingArgs
+
+    values = {f.name: getattr(s, f.name) for f in fields(TrainingArgs) if hasattr(s, f.name)}
+    values["max_grad_norm"] = s.grad_clip
+    values["val_batches"] = None if s.val_batches == -1 else s.val_batches
+    return TrainingArgs(**values)
+
+
+def run_lora(args: argparse.Namespace) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from .lora import ADAPTER_CONFIG, apply_adapters, load_adapters
+    from .training.data import load_dataset
+    from .training.trainer import evaluate, plot_loss_curve, train
+
+    s = settings(args)
+    spec = _model_spec(s.model)
+    model, tokenizer = load_base(spec, s.dtype, s.quiet)
+    datasets = load_dataset(s.data, tokenizer, s.max_seq_length, s.mask_prompt)
+    for wanted, split in ((s.train, "train"), (s.test, "test")):
+        if wanted and split not in datasets:
+            raise CheckpointError(f"{Path(s.data) / (split + '.jsonl')}: not found; "
+                                  f"--{split} needs it")
+    pad_id = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0
+    folder = Path(s.adapter_path)
+
+    if s.train:
+        if "valid" not in datasets and not s.quiet:
+            print(f"note: no {Path(s.data) / 'valid.jsonl'}: training without validation",
+                  file=sys.stderr)
+        adapter_config = _adapter_config(s, model, spec)
+        if s.resume:
+            _check_resumable(folder, adapter_config)
+        mx.random.seed(s.seed)  # the adapters' initial values
+        try:
+            apply_adapters(model, adapter_config)
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
+        if not s.quiet:
+            count = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+            print(f"training {count:,} {s.fine_tune_type} parameters (rank {s.lora_rank}) in the "
+                  f"last {adapter_config['num_layers']} of {len(model.decoder.layers)} blocks",
+                  file=sys.stderr)
+        train(model, datasets, _training_args(s), folder, adapter_config, pad_id, resume=s.resume)
+        plot_loss_curve(folder)
+        if not s.quiet:
+            print(f"wrote {folder / 'adapters.safetensors'}", file=sys.stderr)
+    elif (folder / ADAPTER_CONFIG).exists():
+        load_adapters(model, folder)
+    elif not s.quiet:
+        print(f"note: no adapters in {folder}: testing the base model", file=sys.stderr)
+
+    if s.test:
+        model.eval()
+        loss = evaluate(model, datasets["test"], s.batch_size, pad_id,
+                        None if s.test_batches == -1 else s.test_batches)
+        perplexity = math.exp(loss) if loss < 700 else math.inf
+        print(f"test loss {loss:.4f}, test perplexity {perplexity:.4f}")
+
+
+# --- fuse ---------------------------------------------------------------------------------
+
+def add_fuse_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="base model (default: the one adapter_config.json "
+                        "names, else the demo model)")
+    parser.add_argument("--adapter-path", default="adapters", help="folder of adapters.safetensors "
+                        "and adapter_config.json (default: adapters)")
+    parser.add_argument("--save-path", default="fused_model", help="output MLX model folder "
+                        "(default: fused_model)")
+    parser.add_argument("--export-hf", metavar="DIR", help="also export the fused model as a "
+                        "Hugging Face folder (the format the base model came from)")
+    parser.add_argument("--dequantize", action="store_true", help="write a quantized base as "
+                        "float32 weights (default: re-quantize with its own bits and group size)")
+    parser.add_argument("--force", action="store_true", help="replace existing output folders")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _base_of(adapter_path) -> Optional[str]:
+    """The base model that adapter_config.json records, if any."""
+    from .lora import ADAPTER_CONFIG
+
+    path = Path(adapter_path) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; --adapter-path must be a folder written by "
+                              "`mlx-mobilellm lora`")
+    try:
+        return json.loads(path.read_text()).get("model")
+    except (ValueError, AttributeError):
+        return None  # load_adapters reports what is wrong with the file
+
+
+def run_fuse(args: argparse.Namespace) -> None:
+    from convert.export import export_hf
+    from convert.save import save_model
+    from convert.sources import open_checkpoint
+
+    from .compute_dtype import dequantized
+    from .loading import load
+    from .lora import fuse
+
+    for out in (args.save_path, args.export_hf):
+        if out and Path(out).exists() and not args.force:
+            raise CheckpointError(f"{out}: already exists; choose another path or pass --force")
+    recorded = _base_of(args.adapter_path)
+    spec = args.model or recorded or _model_spec(None)
+    model, _ = load(spec, adapter_path=args.adapter_path)
+    fuse(model, dequantize=args.dequantize)
+    if args.dequantize and any(".scales" in name for name in _parameter_names(model)):
+        model = dequantized(model)  # the embedding and the layers without adapters
+    base = open_checkpoint(spec, quiet=args.quiet)  # its format and tokenizer files
+    # The format export writes back by default; none for an MLX folder that records none.
+    source_format = base.original_format if base.source_format == "mlx" else base.export_format
+    readme = (f"# {Path(args.save_path).name}\n\nMLX model folder written by `mlx-mobilellm fuse`: "
+              f"`{spec}` with the adapters of `{args.adapter_path}` merged into its weights.\n")
+    save_model(model, args.save_path, source_format, base, readme=readme, force=args.force,
+               quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {args.save_path}", file=sys.stderr)
+    if args.export_hf:
+        export_hf(args.save_path, args.export_hf, force=args.force, quiet=args.quiet)
+        if not args.quiet:
+            print(f"wrote {args.export_hf}", file=sys.stderr)

@@ -1,0 +1,196 @@
+"""LoRA and DoRA adapters on linear layers, float or quantized (QLoRA), and fusing them back.
+
+A LoRA layer computes base(x) + scale * B(A(dropout(x))) with A: (rank, in) and B: (out, rank);
+B starts at zero, so a fresh adapter changes nothing. DoRA also learns the magnitude of each
+output row of the merged weight. Only the adapters train: apply_adapters freezes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+
+
+def base_weight(layer: nn.Module) -> mx.array:
+    """The (out, in) weight of a float or quantized linear layer, in float."""
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
+                             layer.bits, mode=layer.mode)
+    return layer.weight
+
+
+def _features(layer: nn.Module):
+    weight = base_weight(layer)
+    return weight.shape[1], weight.shape[0]
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        super().__init__()
+        in_features, out_features = _features(base)
+        self.base = base
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout
+        self.set_dropout_key(None)
+        bound = 1 / math.sqrt(in_features)
+        self.lora_a = mx.random.uniform(-bound, bound, (rank, in_features))
+        self.lora_b = mx.zeros((out_features, rank))
+
+    def set_dropout_key(self, key: Optional[mx.array]) -> None:
+        """Fix the dropout mask's random key (None: draw from MLX's global generator). A
+        gradient-checkpointed block is run again in the backward pass and must draw the same
+        mask, so the trainer sets a key per step from outside the checkpoint. Kept out of the
+        parameters (a plain attribute, not a module member)."""
+        object.__setattr__(self, "_dropout_key", key)
+
+    def _dropout(self, x: mx.array) -> mx.array:
+        if self._dropout_key is None or not self.training or self.dropout_p == 0:
+            return self.dropout(x)
+        keep = mx.random.bernoulli(1 - self.dropout_p, x.shape, key=self._dropout_key)
+        return mx.where(keep, x / (1 - self.dropout_p), 0).astype(x.dtype)
+
+    def delta(self) -> mx.array:
+        """What the adapter adds to the base weight."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        update = (self._dropout(x) @ self.lora_a.T) @ self.lora_b.T
+        return self.base(x) + (self.scale * update).astype(x.dtype)
+
+    def fused_weight(self) -> mx.array:
+        weight = base_weight(self.base)
+        return (weight + self.delta().astype(weight.dtype)).astype(weight.dtype)
+
+
+class DoRALinear(LoRALinear):
+    """Weight-decomposed LoRA: W' = m * (W + scale·BA) / ||W + scale·BA|| per output row, with
+    the magnitudes m learnt (initialised to the base rows' norms)."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        super().__init__(base, rank, scale, dropout)
+        self.magnitude = mx.linalg.norm(base_weight(base).astype(mx.float32), axis=1)
+
+    def fused_weight(self) -> mx.array:
+        weight = base_weight(self.base)
+        merged = weight.astype(mx.float32) + self.delta()
+        norms = mx.linalg.norm(merged, axis=1, keepdims=True)
+        return (self.magnitude[:, None] * merged / norms).astype(weight.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Base output plus LoRA, rescaled row-wise; the norm is taken without gradient through
+        # the merged weight, as the DoRA paper does to save memory.
+        merged = base_weight(self.base).astype(mx.float32) + self.delta()
+        norms = mx.stop_gradient(mx.linalg.norm(merged, axis=1))
+        out = self.base(x) + (self.scale * ((self._dropout(x) @ self.lora_a.T) @ self.lora_b.T)).astype(x.dtype)
+        return (out * (self.magnitude / norms).astype(x.dtype))
+
+
+ADAPTER_TYPES = {"lora": LoRALinear, "dora": DoRALinear}
+
+
+def adapter_targets(model, keys: Sequence[str], num_layers: Optional[int]) -> list:
+    """(path, module) of the linear layers to adapt: those whose name ends in one of `keys`,
+    in the last num_layers blocks (all when None)."""
+    layers = model.decoder.layers
+    first = 0 if num_layers is None or num_layers >= len(layers) else len(layers) - num_layers
+    targets = []
+    for index in range(first, len(layers)):
+        for path, module in layers[index].named_modules():
+            if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and path.split(".")[-1] in keys:
+                targets.append((f"decoder.layers.{index}.{path}", module))
+    return targets
+
+
+def apply_adapters(model, config: dict) -> None:
+    """Freeze the model and wrap the configured layers in adapters (in place).
+    config: {"fine_tune_type": "lora"|"dora", "rank", "scale", "dropout", "keys", "num_layers"}."""
+    kind = ADAPTER_TYPES[config.get("fine_tune_type", "lora")]
+    model.freeze()
+    keys = tuple(config.get("keys") or DEFAULT_TARGETS)
+    replacements = [(path, kind(module, config.get("rank", 8), config.get("scale", 20.0),
+                                config.get("dropout", 0.0)))
+                    for path, module in adapter_targets(model, keys, config.get("num_layers"))]
+    if not replacements:
+        raise ValueError(f"no linear layer matches the adapter keys {list(keys)}")
+    model.update_modules(tree_unflatten(replacements))
+    model.train(model.training)  # new adapters follow the model's mode (eval: no dropout)
+
+
+def adapter_weights(model) -> dict:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(folder, model, config: dict) -> None:
+    """adapters.safetensors + adapter_config.json, each written to a temporary file first."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_tmp = folder / f".{ADAPTER_WEIGHTS}.tmp.safetensors"
+    mx.save_safetensors(str(weights_tmp), adapter_weights(model))
+    config_tmp = folder / f".{ADAPTER_CONFIG}.tmp"
+    config_tmp.write_text(json.dumps(config, indent=2) + "\n")
+    weights_tmp.replace(folder / ADAPTER_WEIGHTS)
+    config_tmp.replace(folder / ADAPTER_CONFIG)
+
+
+def load_adapters(model, folder) -> dict:
+    """Wrap `model` as the saved adapter config says and load the adapter weights."""
+    from .errors import CheckpointError
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not found; is this an adapter folder?") from None
+    except ValueError as error:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not valid JSON ({error})") from None
+    if not isinstance(config, dict) or config.get("fine_tune_type", "lora") not in ADAPTER_TYPES:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: needs an object whose fine_tune_type "
+                              f"is one of {', '.join(ADAPTER_TYPES)}")
+    try:
+        apply_adapters(model, config)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: {error}") from None
+    try:
+        weights = mx.load(str(folder / ADAPTER_WEIGHTS))
+    except Exception as error:
+        raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: cannot load ({error})") from None
+    # Every adapter weight, with the shape the config gives it: a mismatched file would
+    # otherwise load silently and fail later (or leave fresh adapters in place).
+    expected = {name: p.shape for name, p in adapter_weights(model).items()}
+    found = {name: w.shape for name, w in weights.items()}
+    if found != expected:
+        missing, extra = sorted(expected.keys() - found), sorted(found.keys() - expected)
+        wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+        raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: does not match {ADAPTER_CONFIG} "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape "
+                              f"{wrong[:3]}); was it saved with another config or model?")
+    model.load_weights(list(weights.items()), strict=False)
+    return config
+
+
+def fuse(model, dequantize: bool = False) -> None:
+    """Merge every adapter into its base layer (in place). A quantized base is re-quantized
+    with its own bits and group size, unless dequantize is set."""
+    fused = []
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            weight = module.fused_weight()
+            base = module.base
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            linear.weight = weight
+            if isinstance(base, nn.QuantizedLinear) and not dequantize:
+                linear = nn.QuantizedLinear.from_linear(linear, base.group_size, base.bits, mode=base.mode)
+            fused.append((path, linear))
+    model.update_modules(tree_unflatten(fused))
+    model.unfreeze()

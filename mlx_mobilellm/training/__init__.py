@@ -1,0 +1,1 @@
+"""LoRA / QLoRA fine-tuning: datasets, the training loop, checkpoints."""

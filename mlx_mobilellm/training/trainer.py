@@ -1,0 +1,274 @@
+"""The training loop: optimizer and schedule, gradient accumulation and clipping, validation,
+metrics, checkpoints that a later run resumes from, and a stop on NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ..errors import CheckpointError
+from ..lora import LoRALinear, save_adapters
+from .data import iterate_batches
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainingArgs:
+    iters: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    """cosine, linear (decay to 0 after warmup) or constant."""
+    warmup: int = 0
+    grad_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = None
+    grad_checkpoint: bool = False
+    seed: int = 0
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    val_batches: int = 25
+    save_every: int = 100
+    quiet: bool = False
+
+
+class TrainingDiverged(CheckpointError):
+    pass
+
+
+def learning_rate_schedule(args: TrainingArgs):
+    steps = max(args.iters - args.warmup, 1)
+    if args.lr_schedule == "cosine":
+        decay = optim.cosine_decay(args.learning_rate, steps)
+    elif args.lr_schedule == "linear":
+        decay = optim.linear_schedule(args.learning_rate, 0.0, steps)
+    elif args.lr_schedule == "constant":
+        decay = lambda step: mx.array(args.learning_rate)  # noqa: E731
+    else:
+        raise CheckpointError(f"--lr-schedule {args.lr_schedule!r}: use cosine, linear or constant")
+    if not args.warmup:
+        return decay
+    warmup = optim.linear_schedule(args.learning_rate / args.warmup, args.learning_rate, args.warmup)
+    return optim.join_schedules([warmup, decay], [args.warmup])
+
+
+def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
+    schedule = learning_rate_schedule(args)
+    if args.optimizer == "adamw":
+        return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
+        return optim.Adam(learning_rate=schedule)
+    if args.optimizer == "sgd":
+        return optim.SGD(learning_rate=schedule, weight_decay=args.weight_decay)
+    raise CheckpointError(f"--optimizer {args.optimizer!r}: use adamw, adam or sgd")
+
+
+def _loss(model, inputs, labels):
+    return model(inputs, labels=labels).loss
+
+
+def evaluate(model, examples, batch_size: int, pad_id: int, max_batches: Optional[int] = None) -> float:
+    """Mean loss per counted token over (up to max_batches) batches."""
+    total, tokens = 0.0, 0
+    batches = iterate_batches(examples, min(batch_size, len(examples)), pad_id, loop=False)
+    for number, (inputs, labels) in enumerate(batches):
+        if max_batches is not None and number >= max_batches:
+            break
+        counted = (labels[:, 1:] != -100).sum().item()
+        total += _loss(model, inputs, labels).item() * counted
+        tokens += counted
+    return total / max(tokens, 1)
+
+
+def _save_checkpoint(folder: Path, model, optimizer, step: int, adapter_config: dict,
+                     window: Optional[dict] = None) -> None:
+    """Adapters, optimizer state and step (and the loss-report window in progress), written
+    to a temporary folder then swapped in."""
+    temporary = folder / f".{CHECKPOINT_DIR}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    save_adapters(temporary, model, adapter_config)
+    mx.save_safetensors(str(temporary / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    (temporary / "trainer_state.json").write_text(json.dumps({"step": step, **(window or {})}) + "\n")
+    final = folder / CHECKPOINT_DIR
+    previous = folder / f".{CHECKPOINT_DIR}.old"
+    if final.exists():
+        final.rename(previous)
+    temporary.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _resume(folder: Path, model, optimizer) -> dict:
+    checkpoint = folder / CHECKPOINT_DIR
+    if not (checkpoint / "trainer_state.json").exists():
+        raise CheckpointError(f"{checkpoint}: no checkpoint to resume from")
+    model.load_weights(str(checkpoint / "adapters.safetensors"), strict=False)
+    state = mx.load(str(checkpoint / "optimizer.safetensors"))
+    optimizer.state = tree_unflatten(list(state.items()))
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def _truncate_metrics(folder: Path, step: int) -> None:
+    """Drop the records an interrupted run logged after its last checkpoint: the resumed run
+    logs those steps again."""
+    kept = [m for m in read_metrics(folder) if m["step"] <= step]
+    temporary = folder / f".{METRICS_FILE}.tmp"
+    temporary.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    temporary.replace(folder / METRICS_FILE)
+
+
+def _set_dropout_keys(model) -> None:
+    """A fresh dropout key per adapter, drawn here, outside any gradient checkpoint, so that
+    a checkpointed block recomputed in the backward pass draws the same masks."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear) and m.dropout_p > 0]
+    if adapters:
+        keys = mx.random.split(mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32), len(adapters))
+        for module, key in zip(adapters, keys):
+            module.set_dropout_key(key)
+
+
+def _clear_dropout_keys(model) -> None:
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.set_dropout_key(None)
+
+
+def _log(folder: Path, record: dict) -> None:
+    with (folder / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(model, datasets: dict, args: TrainingArgs, adapter_path, adapter_config: dict,
+          pad_id: int, resume: bool = False) -> dict:
+    """Train the model's trainable parameters; return the last metrics. Adapters are saved to
+    adapter_path at every checkpoint and at the end."""
+    folder = Path(adapter_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(args.seed)
+    if args.grad_checkpoint:
+        model.enable_gradient_checkpointing()
+    model.train()
+    optimizer = make_optimizer(args)
+    optimizer.init(model.trainable_parameters())
+    state = _resume(folder, model, optimizer) if resume else {"step": 0}
+    start = state["step"]
+    if resume:
+        _truncate_metrics(folder, start)
+    else:
+        (folder / METRICS_FILE).unlink(missing_ok=True)
+    try:
+        return _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state)
+    finally:
+        _clear_dropout_keys(model)
+
+
+def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state) -> dict:
+    start = state["step"]
+
+    loss_and_grad = nn.value_and_grad(model, _loss)
+    micro_batches = iterate_batches(datasets["train"], args.batch_size, pad_id, args.seed,
+                                    start_step=start * args.grad_accumulation_steps)
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.iters, initial=start, disable=args.quiet, desc="training")
+    # A checkpoint taken between two reports carries the window in progress, so that a resumed
+    # run reports the same mean losses as an uninterrupted one.
+    window_loss, window_steps, window_tokens, window_start = (
+        state.get("window_loss", 0.0), state.get("window_steps", 0), state.get("window_tokens", 0),
+        time.perf_counter())
+    last, saved_step = {}, (start or None)
+    for step in range(start + 1, args.iters + 1):
+        mx.random.seed(args.seed * 100_003 + step)  # dropout masks independent of resuming
+        grads, step_loss = None, 0.0
+        for _ in range(args.grad_accumulation_steps):
+            inputs, labels = next(micro_batches)
+            _set_dropout_keys(model)
+            loss, micro_grads = loss_and_grad(model, inputs, labels)
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            step_loss += loss
+            window_tokens += (labels[:, 1:] != -100).sum().item()
+        step_loss = (step_loss / args.grad_accumulation_steps).item()
+        if not math.isfinite(step_loss):
+            saved = (f"; the adapters of step {saved_step} are kept in {folder / CHECKPOINT_DIR}"
+                     if saved_step else "")
+            raise TrainingDiverged(f"training diverged at step {step}: loss is {step_loss}{saved}; "
+                                   "lower --learning-rate or set --grad-clip")
+        grads = tree_map(lambda g: g / args.grad_accumulation_steps, grads)
+        if args.max_grad_norm:
+            grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        window_loss += step_loss
+        window_steps += 1
+        bar.update(1)
+
+        if step % args.steps_per_report == 0 or step == args.iters:
+            elapsed = time.perf_counter() - window_start
+            last = {"step": step, "train_loss": window_loss / window_steps,
+                    "learning_rate": optimizer.learning_rate.item(),
+                    "tokens_per_s": window_tokens / elapsed,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9}
+            _log(folder, last)
+            bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                            mem_gb=f"{last['peak_memory_gb']:.2f}")
+            window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        if "valid" in datasets and (step % args.steps_per_eval == 0 or step == args.iters):
+            model.eval()
+            val = evaluate(model, datasets["valid"], args.batch_size, pad_id, args.val_batches)
+            model.train()
+            _log(folder, {"step": step, "val_loss": val})
+            if not args.quiet:
+                bar.write(f"step {step}: validation loss {val:.3f}")
+        if step % args.save_every == 0 or step == args.iters:
+            _save_checkpoint(folder, model, optimizer, step, adapter_config,
+                             {"window_loss": window_loss, "window_steps": window_steps,
+                              "window_tokens": window_tokens})
+            saved_step = step
+    bar.close()
+    save_adapters(folder, model, adapter_config)
+    model.eval()
+    return last
+
+
+def read_metrics(folder) -> list:
+    path = Path(folder) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_loss_curve(folder) -> Optional[Path]:
+    """loss_curve.png from the metrics file, if matplotlib (the `plot` extra) is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: pip install matplotlib for a loss-curve PNG", file=sys.stderr)
+        return None
+    metrics = read_metrics(folder)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        if points:
+            axes.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    path = Path(folder) / "loss_curve.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
