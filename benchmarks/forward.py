@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -28,8 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from convert.names import from_ours
-from common import attempt, log, machine
+from common import Runner, attempt, log, machine, mlx_lm_runner, share_weights
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig, get_mobilellm_config
 
 # name: (config, batch, tokens per row)
@@ -41,58 +39,11 @@ SHAPES = {
 LOGITS_TOLERANCE = 1e-3  # max abs difference between our and mlx-lm's fp32 logits
 
 
-@dataclass
-class Runner:
-    """One implementation, seen the same way by every measurement."""
-    model: nn.Module
-    logits: Callable  # ids -> (batch, seq, vocab)
-    loss: Callable  # ids -> scalar mean next-token cross-entropy
-    set_checkpointing: Callable  # bool -> None
-
-
 def ours_runner(model: MobileLLM) -> Runner:
     def set_checkpointing(on):
         model.enable_gradient_checkpointing() if on else model.disable_gradient_checkpointing()
     return Runner(model, lambda ids: model(ids).logits, lambda ids: model(ids, labels=ids).loss,
                   set_checkpointing)
-
-
-def mlx_lm_runner(config: MobileLLMConfig) -> Runner:
-    """mlx-lm's llama4_text model with our config; weights come from share_weights()."""
-    from mlx_lm.models import llama4_text
-    from mlx_lm.tuner.trainer import grad_checkpoint
-
-    args = llama4_text.ModelArgs(
-        model_type="llama4_text", hidden_size=config.embed_dim, num_attention_heads=config.num_heads,
-        num_hidden_layers=config.num_layers, vocab_size=config.vocab_size,
-        intermediate_size=config.hidden_dim, intermediate_size_mlp=config.hidden_dim,
-        num_key_value_heads=config.num_kv_heads, rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_base, head_dim=config.dim_per_head,
-        tie_word_embeddings=config.tie_word_embeddings, use_qk_norm=config.use_qk_norm,
-        no_rope_layers=[int(i not in config.nope_layers) for i in range(config.num_layers)],
-    )
-    model = llama4_text.Model(args)
-    block = llama4_text.TransformerBlock
-    plain_call = getattr(block, "_plain_call", block.__call__)
-    block._plain_call = plain_call
-
-    def set_checkpointing(on):
-        # mlx-lm's trainer checkpoints by patching the block class itself.
-        block.__call__ = plain_call
-        if on:
-            grad_checkpoint(model.layers[0])
-
-    def loss(ids):
-        logits = model(ids)[:, :-1].astype(mx.float32)  # fp32 loss, as ours computes it
-        return nn.losses.cross_entropy(logits, ids[:, 1:]).mean()
-
-    return Runner(model, model, loss, set_checkpointing)
-
-
-def share_weights(ours: MobileLLM, theirs: nn.Module) -> None:
-    """Give mlx-lm's model our arrays (no copy), under Hugging Face names."""
-    weights = [(from_ours(name, "llama4_text"), w) for name, w in tree_flatten(ours.parameters())]
-    theirs.load_weights(weights, strict=True)
 
 
 def timed(fn: Callable, tokens: int, repeats: int) -> dict:
