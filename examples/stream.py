@@ -11,7 +11,7 @@ from mlx_mobilellm.demo import demo_model_path
 
 question = sys.argv[1] if len(sys.argv) > 1 else "Why is the sky blue?"
 model, tokenizer = mlx_mobilellm.load(demo_model_path())
-model = for_fast_compute(model)  # float32 on the CPU backend, as the CLI does
+model = for_fast_compute(model)  # float32 on a CPU with a fast BLAS, as the CLI does
 
 prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}])
 response = None

@@ -14,7 +14,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="MLX folder, Hugging Face folder, .gguf file or hub repo "
                         "id (default: the built-in SmolLM2-135M-Instruct demo model)")
     parser.add_argument("--dtype", choices=DTYPES,
-                        help="compute dtype; default: the checkpoint's on a GPU, float32 on the CPU")
+                        help="compute dtype; default: the checkpoint's, or float32 on a CPU with a "
+                        "fast BLAS (see mlx_mobilellm/compute_dtype.py)")
     parser.add_argument("--adapter-path", help="a folder of fine-tuned LoRA/DoRA adapters "
                         "(from `mlx-mobilellm lora`) to apply to --model")
     parser.add_argument("--draft-model", help="a smaller model with the same tokenizer for "
@@ -112,7 +113,7 @@ def run_generate(args) -> None:
             print(response.text, end="", flush=True)
     except ValueError as error:  # a prompt longer than the context, ...
         raise CheckpointError(str(error)) from None
-    print()
+    print(flush=True)
     if args.verbose and response is not None:
         print(format_stats(response), file=sys.stderr)
 

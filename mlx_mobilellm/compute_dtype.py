@@ -2,11 +2,17 @@
 
 On Apple GPUs (Metal) quantized and half-precision matmuls are fast: keep the checkpoint's.
 MLX's CPU backend has no fast path for them — bfloat16/float16 and quantized matmuls run in
-plain loops, while float32 goes through BLAS — so there float32 is faster (see
-benchmarks/generate.py for the figures), at the cost of memory.
+plain loops, while float32 goes through BLAS — so there float32 is faster *when the BLAS is*:
+with OpenBLAS preloaded, prefill ran 4.6-15x and decode 1.3-1.6x faster in float32 (see
+benchmarks/generate.py), but the reference BLAS bundled in Linux's mlx-cpu wheel (~6 GFLOP/s)
+made the demo model slower in float32 than in 4-bit. So the choice is measured: a small
+float32 matmul, timed once per process.
 """
 
 from __future__ import annotations
+
+import time
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,8 +21,25 @@ from mlx.utils import tree_flatten
 from .models.mobilellm import MobileLLM
 
 
+# A float32 GEMM faster than this means an optimised BLAS (OpenBLAS, Accelerate: 100+);
+# MLX's bundled reference BLAS manages about 6 on the same machine.
+FAST_BLAS_GFLOPS = 30.0
+
+
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
+
+
+@lru_cache(maxsize=1)
+def float32_gflops() -> float:
+    """Measured float32 matmul speed on the default device (a few milliseconds, once)."""
+    size = 384
+    a = mx.random.normal((size, size))
+    mx.eval(a @ a)  # warm-up: allocation, threads
+    start = time.perf_counter()
+    for _ in range(3):
+        mx.eval(a @ a)
+    return 3 * 2 * size**3 / (time.perf_counter() - start) / 1e9
 
 
 def dequantized(model: MobileLLM) -> MobileLLM:
@@ -39,8 +62,9 @@ def dequantized(model: MobileLLM) -> MobileLLM:
 
 
 def for_fast_compute(model: MobileLLM) -> MobileLLM:
-    """The model as it computes fastest on the current device (see the module docstring)."""
-    if not on_cpu():
+    """The model as it computes fastest on the current device (see the module docstring):
+    float32 on a CPU with a fast BLAS, else as loaded."""
+    if not on_cpu() or float32_gflops() < FAST_BLAS_GFLOPS:
         return model
     params = tree_flatten(model.parameters())
     if all(p.dtype == mx.float32 for _, p in params):
