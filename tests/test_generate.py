@@ -5,11 +5,11 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig
 from mlx_mobilellm.models.transformer import TransformerDecoder
 from mlx_mobilellm.sampling import sample, top_p_filter
+from tiny_models import randomize_weights
 
 VOCAB = 100
 PROMPT_LEN = 5
@@ -19,14 +19,7 @@ def tiny_model(seed: int = 3, **overrides) -> MobileLLM:
     values = dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, hidden_dim=64,
                   vocab_size=VOCAB, max_seq_len=64, rope_base=10000.0)
     model = MobileLLM(MobileLLMConfig(**{**values, **overrides}))
-    rng = np.random.default_rng(seed)
-    weights = []
-    for name, p in tree_flatten(model.parameters()):
-        w = rng.standard_normal(p.shape) * (0.2 if p.ndim == 1 else 0.15)
-        weights.append((name, mx.array((w + (p.ndim == 1)).astype(np.float32))))
-    model.load_weights(weights)
-    model.eval()
-    return model
+    return randomize_weights(model, seed)
 
 
 def random_ids(batch, seq, seed=1) -> np.ndarray:

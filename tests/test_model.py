@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mlx.utils import tree_flatten
 
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig
+from tiny_models import randomize_weights
 
 VOCAB = 100
 
@@ -22,14 +23,7 @@ def tiny_config(**overrides) -> MobileLLMConfig:
 def tiny_model(seed: int = 0, **overrides) -> MobileLLM:
     """A tiny model with random weights (norm weights too, so they are not all ones)."""
     model = MobileLLM(tiny_config(**overrides))
-    rng = np.random.default_rng(seed)
-    weights = []
-    for name, p in tree_flatten(model.parameters()):
-        w = rng.standard_normal(p.shape) * (0.2 if p.ndim == 1 else 0.15)
-        weights.append((name, mx.array((w + (p.ndim == 1)).astype(np.float32))))
-    model.load_weights(weights)
-    model.eval()
-    return model
+    return randomize_weights(model, seed)
 
 
 def random_ids(batch, seq, seed=1) -> np.ndarray:
