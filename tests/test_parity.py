@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 import mlx_mobilellm  # noqa: E402
 from mlx_mobilellm.models import MobileLLM  # noqa: E402
