@@ -70,12 +70,29 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"wrote {out}", file=sys.stderr)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A usage error is bad input like any other: one `error:` line and exit status 1 (argparse
+    prints the usage block and exits with 2)."""
+
+    def error(self, message: str):
+        self.exit(1, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error as a single line (messages from libraries may span several)."""
+    if isinstance(error, OSError) and error.strerror:
+        # The disk, permissions or a vanished file: the environment's failure, said as the OS says it.
+        names = [str(n) for n in (error.filename, error.filename2) if n is not None]
+        return ": ".join([*names, error.strerror]) if names else error.strerror
+    return " ".join(str(error).split())
+
+
 def run_reporting_errors(run, args: argparse.Namespace) -> int:
-    """Run a command; bad input becomes one line on stderr and exit status 1."""
+    """Run a command; bad input (and a failing disk) becomes one line on stderr and exit status 1."""
     try:
         run(args)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (CheckpointError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -87,7 +104,7 @@ def main(argv: Optional[list] = None) -> int:
     """`python -m convert [convert] ARGS` converts; `python -m convert export ARGS` exports."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("convert", "export") else "convert"
-    parser = argparse.ArgumentParser(prog=f"python -m convert {command}")
+    parser = ArgumentParser(prog=f"python -m convert {command}")
     if command == "export":
         add_export_arguments(parser)
         return run_reporting_errors(run_export, parser.parse_args(argv))

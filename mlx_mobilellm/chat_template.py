@@ -10,9 +10,11 @@ from functools import lru_cache
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import CheckpointError
 
-class ChatTemplateError(ValueError):
-    pass
+
+class ChatTemplateError(CheckpointError):
+    """The template refused the conversation or failed to render."""
 
 
 def _raise(message: str):

@@ -8,12 +8,13 @@ from typing import Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from convert.cli import add_convert_arguments, add_export_arguments, run_convert, run_export
+    from convert.cli import (ArgumentParser, add_convert_arguments, add_export_arguments,
+                             run_convert, run_export)
 
     from .cli_generate import add_chat_arguments, add_generate_arguments, run_chat, run_generate
     from .cli_lora import add_fuse_arguments, add_lora_arguments, run_fuse, run_lora
 
-    parser = argparse.ArgumentParser(prog="mlx-mobilellm",
+    parser = ArgumentParser(prog="mlx-mobilellm",
                                      description="Run, convert and fine-tune MobileLLM models with MLX.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="stream text from a model")

@@ -191,15 +191,16 @@ def test_existing_destination_needs_force(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag, value", [("--q-bits", "5"), ("--q-group-size", "48"),
                                          ("--dtype", "float64")])
-def test_bad_flag_value_is_a_usage_error(tmp_path, capsys, flag, value):
+def test_bad_flag_value_is_one_error_line(tmp_path, capsys, flag, value):
     source = tmp_path / "src"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         cli_main(["convert", "--hf-path", str(source), "--mlx-path", str(tmp_path / "out"), "-q",
                   flag, value])
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {flag}: invalid choice: " in err and value in err
+    assert exited.value.code == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert f"argument {flag}: invalid choice: " in lines[0] and value in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
