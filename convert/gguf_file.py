@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Tuple
 import mlx.core as mx
 
 from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.models.config import MobileLLMConfig
+from mlx_mobilellm.models.config import ConfigFieldError, MobileLLMConfig
 
 from .names import to_ours
 
@@ -21,17 +22,36 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 GGUF_GROUP_SIZE = 32
 # GGUF value types: fixed-size scalars by type id, 8 = string, 9 = array.
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
+_UINT32, _STRING, _ARRAY, _FLOAT64 = 4, 8, 9, 12
 # ggml tensor type ids → names, for the types we accept and the common ones we refuse.
 _TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
                  10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
+# (bytes per block, values per block) of the supported types, to find where each tensor ends.
+_BLOCK = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q4_0": (18, 32), "Q4_1": (20, 32),
+          "Q8_0": (34, 32)}
 # Smallest encodings: a metadata entry is a key length, a key byte and a value type; a
 # tensor record a name length, a name byte, a rank, one dimension, a type and an offset.
 _MIN_KV_BYTES = 8 + 1 + 4
 _MIN_TENSOR_BYTES = 8 + 1 + 4 + 8 + 4 + 8
-# (bytes per block, values per block) of the accepted types, to find where each tensor ends.
-_BLOCK = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q4_0": (18, 32), "Q4_1": (20, 32),
-          "Q8_0": (34, 32)}
+# MLX shapes are 32-bit.
+_MAX_DIMENSION = 2**31 - 1
+_DEFAULT_ALIGNMENT = 32
+
+# Our config fields as llama.cpp's metadata keys name them ({arch}: the architecture).
+_GGUF_KEYS = {
+    "num_layers": "{arch}.block_count", "num_heads": "{arch}.attention.head_count",
+    "num_kv_heads": "{arch}.attention.head_count_kv", "embed_dim": "{arch}.embedding_length",
+    "hidden_dim": "{arch}.feed_forward_length", "vocab_size": "{arch}.vocab_size",
+    "max_seq_len": "{arch}.context_length", "rope_base": "{arch}.rope.freq_base",
+    "rope_scaling": "{arch}.rope.scaling", "norm_eps": "{arch}.attention.layer_norm_rms_epsilon",
+    "head_dim": "{arch}.rope.dimension_count", "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id", "pad_token_id": "tokenizer.ggml.padding_token_id",
+}
+
+
+def gguf_key(ours: str, arch: str = "llama") -> str:
+    """The metadata key that sets our config field `ours`."""
+    return _GGUF_KEYS.get(ours, ours).format(arch=arch)
 
 
 class _Cursor:
@@ -39,6 +59,9 @@ class _Cursor:
 
     def __init__(self, data: memoryview, where: str):
         self.data, self.at, self.where = data, 0, where
+
+    def corrupt(self, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.where}: {problem} (at byte {self.at}): the file is corrupt")
 
     def take(self, count: int) -> memoryview:
         if count < 0 or self.at + count > len(self.data):
@@ -54,29 +77,93 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.unpack("<Q"))).decode("utf-8", errors="replace")
 
-    def skip_value(self, kind: int) -> None:
-        if kind in _SCALAR_BYTES:
-            self.take(_SCALAR_BYTES[kind])
-        elif kind == _STRING:
-            self.take(self.unpack("<Q"))
-        elif kind == _ARRAY:
-            element, count = self.unpack("<I"), self.unpack("<Q")
-            if element in _SCALAR_BYTES:
-                self.take(_SCALAR_BYTES[element] * count)
-            else:
-                for _ in range(count):
-                    self.skip_value(element)
+    def skip_value(self, kind: int, key: str) -> None:
+        """Step over the value of metadata entry `key`."""
+        if kind == _ARRAY:
+            kind, count = self.unpack("<I"), self.unpack("<Q")
+            if kind == _ARRAY:
+                # MLX and llama.cpp read none; refusing them also bounds the nesting.
+                raise self.corrupt(f"metadata '{key:.80}' is an array of arrays")
         else:
-            raise CheckpointError(f"{self.where}: unknown metadata value type {kind} "
-                                  f"(at byte {self.at}): the file is corrupt")
+            count = None
+        if kind == _FLOAT64:
+            # MLX's GGUF reader crashes the process on float64 values, scalar or array.
+            raise CheckpointError(f"{self.where}: metadata '{key:.80}' holds float64 values, which "
+                                  "MLX cannot read; write it as float32")
+        if kind in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[kind] * (1 if count is None else count))
+        elif kind == _STRING:
+            for _ in range(1 if count is None else count):  # each takes 8 bytes at least
+                self.take(self.unpack("<Q"))
+        else:
+            raise self.corrupt(f"metadata '{key:.80}' has unknown value type {kind}")
 
 
-def _tensor_end(dims: list, kind: str) -> int:
+def _tensor_bytes(dims: list, kind: str) -> int:
     block_bytes, block_values = _BLOCK[kind]
-    count = 1
-    for d in dims:
-        count *= d
-    return count // block_values * block_bytes
+    return math.prod(dims) // block_values * block_bytes
+
+
+def _alignment(cursor: _Cursor, kind: int) -> int:
+    """general.alignment: a uint32 power of two, as llama.cpp requires (offsets are rounded up to it)."""
+    if kind != _UINT32:
+        raise cursor.corrupt(f"general.alignment has value type {kind}, not uint32")
+    alignment = cursor.unpack("<I")
+    if alignment == 0 or alignment & (alignment - 1):
+        raise cursor.corrupt(f"general.alignment is {alignment}, not a power of two such as 32")
+    return alignment
+
+
+def _skip_metadata(cursor: _Cursor, entries: int) -> int:
+    """Walk the metadata entries; the alignment they set."""
+    alignment, keys = _DEFAULT_ALIGNMENT, set()
+    for _ in range(entries):
+        key, kind = cursor.string(), cursor.unpack("<I")
+        if key in keys:
+            raise cursor.corrupt(f"metadata key '{key:.80}' appears twice")
+        keys.add(key)
+        if key == "general.alignment":
+            alignment = _alignment(cursor, kind)
+        else:
+            cursor.skip_value(kind, key)
+    return alignment
+
+
+def _tensor_record(cursor: _Cursor) -> tuple:
+    """(name, dimensions, type name, offset) of one tensor record."""
+    name, rank = cursor.string(), cursor.unpack("<I")
+    if not 1 <= rank <= 4:
+        raise cursor.corrupt(f"tensor '{name:.80}' claims {rank} dimensions")
+    dims = [cursor.unpack("<Q") for _ in range(rank)]
+    type_id, offset = cursor.unpack("<I"), cursor.unpack("<Q")
+    kind = _TENSOR_TYPES.get(type_id, f"ggml type {type_id}")
+    if kind not in SUPPORTED_TYPES:  # refused here, because where its data ends is unknown
+        raise CheckpointError(
+            f"{cursor.where}: tensor '{name:.80}' is {kind}; supported types: "
+            f"{', '.join(SUPPORTED_TYPES)} (re-quantize the source with one of them, e.g. "
+            "llama-quantize ... Q8_0)")
+    if not all(1 <= d <= _MAX_DIMENSION for d in dims) or dims[0] % _BLOCK[kind][1]:
+        raise cursor.corrupt(f"tensor '{name:.80}' claims dimensions {dims} for type {kind}")
+    return name, dims, kind, offset
+
+
+def _check_tensor_data(records: list, data_start: int, alignment: int, file_size: int,
+                       where: str) -> None:
+    """Each tensor starts on the alignment, ends inside the file, and overlaps no other."""
+    previous, previous_end = None, 0
+    for name, dims, kind, offset in sorted(records, key=lambda record: record[3]):
+        if offset % alignment:
+            raise CheckpointError(f"{where}: tensor '{name}' starts at offset {offset}, not a "
+                                  f"multiple of the alignment {alignment}: the file is corrupt")
+        start = data_start + offset
+        end = start + _tensor_bytes(dims, kind)
+        if end > file_size:
+            raise CheckpointError(f"{where}: tensor '{name}' ends at byte {end}, past the end of "
+                                  f"the {file_size}-byte file: the file is truncated")
+        if start < previous_end:
+            raise CheckpointError(f"{where}: tensor '{name}' overlaps the data of tensor "
+                                  f"'{previous}': the file is corrupt")
+        previous, previous_end = name, end
 
 
 def _walk(cursor: _Cursor, file_size: int) -> dict:
@@ -91,43 +178,34 @@ def _walk(cursor: _Cursor, file_size: int) -> dict:
         raise CheckpointError(
             f"{where}: header claims {tensors} tensors and {entries} metadata entries, more than "
             f"its {file_size} bytes can hold: the file is truncated or corrupt")
-    alignment = 32
-    for _ in range(entries):
-        key, kind = cursor.string(), cursor.unpack("<I")
-        if key == "general.alignment" and kind == 4:
-            alignment = cursor.unpack("<I")
-        else:
-            cursor.skip_value(kind)
-    records = []
-    for _ in range(tensors):
-        name, rank = cursor.string(), cursor.unpack("<I")
-        if rank > 4:
-            raise CheckpointError(f"{where}: tensor '{name}' claims {rank} dimensions: corrupt")
-        dims = [cursor.unpack("<Q") for _ in range(rank)]
-        kind, offset = cursor.unpack("<I"), cursor.unpack("<Q")
-        records.append((name, dims, _TENSOR_TYPES.get(kind, f"type {kind}"), offset))
+    alignment = _skip_metadata(cursor, entries)
+    records = [_tensor_record(cursor) for _ in range(tensors)]
+    types = {}
+    for name, _, kind, _ in records:
+        if name in types:
+            raise CheckpointError(f"{where}: tensor '{name}' is listed twice: the file is corrupt")
+        types[name] = kind
     data_start = -(-cursor.at // alignment) * alignment
-    for name, dims, kind, offset in records:
-        end = data_start + offset + _tensor_end(dims, kind) if kind in _BLOCK else 0
-        if end > file_size:
-            raise CheckpointError(f"{where}: tensor '{name}' ends at byte {end}, past the end of "
-                                  f"the {file_size}-byte file: the file is truncated")
-    return {name: kind for name, _, kind, _ in records}
+    _check_tensor_data(records, data_start, alignment, file_size, where)
+    return types
 
 
 def check_gguf_structure(path: Path) -> dict:
     """Walk the whole header — every metadata entry and tensor record, each read checked
     against the file's size — and return {tensor name: type name}. MLX's own GGUF reader
     crashes the process on a malformed header, so nothing reaches it unchecked."""
-    with path.open("rb") as f:
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path}: not a GGUF file (empty)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                return _walk(_Cursor(view, str(path)), len(mapped))
-            finally:
-                view.release()
+    try:
+        with path.open("rb") as f:
+            if path.stat().st_size == 0:
+                raise CheckpointError(f"{path}: not a GGUF file (empty)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    return _walk(_Cursor(view, str(path)), len(mapped))
+                finally:
+                    view.release()
+    except OSError as error:  # permissions, a folder of that name, a failing disk
+        raise CheckpointError(f"{path}: cannot read it ({error.strerror})") from None
 
 
 def _plain(value):
@@ -142,47 +220,53 @@ def read_metadata(path: Path) -> Tuple[dict, dict]:
     types = check_gguf_structure(path)
     try:
         _, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as error:
+    except (RuntimeError, ValueError) as error:  # how MLX reports what it cannot read
         raise CheckpointError(f"{path}: cannot read GGUF ({error})") from None
     return {key: _plain(value) for key, value in metadata.items()}, types
+
+
+def _rope_scaling(meta: dict, arch: str, where: str):
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": meta.get(f"{arch}.rope.scaling.factor")}
+    raise CheckpointError(f"{where}: metadata '{arch}.rope.scaling.type' is {kind!r:.40}; "
+                          "supported: none, linear")
 
 
 def config_from_gguf(meta: dict, has_output: bool, where: str) -> MobileLLMConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"{where}: GGUF architecture {arch!r} is not supported; "
+        raise CheckpointError(f"{where}: GGUF architecture {arch!r:.40} is not supported; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
-    def field(key, default=None):
-        value = meta.get(f"{arch}.{key}", default)
+    def field(ours, default=None):
+        value = meta.get(gguf_key(ours, arch), default)
         if value is None:
-            raise CheckpointError(f"{where}: metadata field '{arch}.{key}' is missing")
+            raise CheckpointError(f"{where}: metadata field '{gguf_key(ours, arch)}' is missing")
         return value
 
-    heads = field("attention.head_count")
-    embed = field("embedding_length")
-    scaling = None
-    if meta.get(f"{arch}.rope.scaling.type", "none") == "linear":
-        scaling = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None
+    heads = field("num_heads")
+    tokens = meta.get("tokenizer.ggml.tokens")
     try:
         return MobileLLMConfig(
-            num_layers=field("block_count"), num_heads=heads,
-            num_kv_heads=field("attention.head_count_kv", heads), embed_dim=embed,
-            hidden_dim=field("feed_forward_length"),
-            vocab_size=vocab if vocab else field("vocab_size"),
-            max_seq_len=field("context_length", 4096),
-            rope_base=float(field("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
-            norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
-            head_dim=meta.get(f"{arch}.rope.dimension_count"),
+            num_layers=field("num_layers"), num_heads=heads,
+            num_kv_heads=field("num_kv_heads", heads), embed_dim=field("embed_dim"),
+            hidden_dim=field("hidden_dim"),
+            vocab_size=field("vocab_size", len(tokens) if isinstance(tokens, list) and tokens else None),
+            max_seq_len=field("max_seq_len", 4096),
+            rope_base=field("rope_base", 10000.0),
+            rope_scaling=_rope_scaling(meta, arch, where),
+            norm_eps=field("norm_eps", 1e-5),
+            head_dim=meta.get(gguf_key("head_dim", arch)),
             # llama.cpp stores Q/K rows for interleaved-pair RoPE.
             rope_traditional=True, use_qk_norm=False,
             tie_word_embeddings=not has_output,
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            **{ours: meta.get(gguf_key(ours)) for ours in ("bos_token_id", "eos_token_id", "pad_token_id")},
         )
+    except ConfigFieldError as error:
+        raise CheckpointError(f"{where}: metadata '{gguf_key(error.field, arch)}' {error.problem}") from None
     except ValueError as error:
         raise CheckpointError(f"{where}: {error}") from None
 
@@ -191,15 +275,10 @@ def read_gguf(path: Path):
     """(config, weights under our names, quantization block or None, metadata)."""
     where = str(path)
     meta, types = read_metadata(path)
-    for name, kind in types.items():
-        if kind not in SUPPORTED_TYPES:
-            raise CheckpointError(
-                f"{where}: tensor '{name}' is {kind}; supported types: {', '.join(SUPPORTED_TYPES)} "
-                "(re-quantize the source with one of them, e.g. llama-quantize ... Q8_0)")
     config = config_from_gguf(meta, "output.weight" in types, where)
     try:
         tensors = mx.load(where)
-    except Exception as error:
+    except (RuntimeError, ValueError) as error:
         raise CheckpointError(f"{where}: cannot read GGUF tensors ({error})") from None
     weights = {}
     for name, array in tensors.items():

@@ -4,22 +4,51 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mlx_mobilellm.models.config import MobileLLMConfig
-
 from mlx_mobilellm.errors import CheckpointError
+from mlx_mobilellm.models.config import ConfigFieldError, MobileLLMConfig, check_field
 
 SUPPORTED_MODEL_TYPES = ("llama4_text", "llama", "mobilellm")
 
+# Our config fields as Hugging Face configs name them (the others have the same name).
+_HF_FIELDS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads", "embed_dim": "hidden_size",
+              "hidden_dim": "intermediate_size", "max_seq_len": "max_position_embeddings",
+              "norm_eps": "rms_norm_eps", "rope_base": "rope_theta"}
 
-def _rope(hf: dict, default_theta: float):
+
+def hf_field(ours: str, model_type: str) -> str:
+    """The config.json field of a Hugging Face model_type that sets our field `ours`."""
+    if ours == "hidden_dim" and model_type == "llama4_text":
+        return "intermediate_size_mlp"  # dense layers' width; intermediate_size is the experts'
+    return _HF_FIELDS.get(ours, ours)
+
+
+def hf_model_type(hf: dict, where: str) -> str:
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r:.60} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return model_type
+
+
+def _object(hf: dict, field: str, where: str) -> dict:
+    """An optional field holding a JSON object (absent or null: empty)."""
+    value = hf.get(field)
+    if not isinstance(value, (dict, type(None))):
+        raise CheckpointError(f"{where}: '{field}' must be an object or null, got {value!r:.60}")
+    return value or {}
+
+
+def _rope(hf: dict, default_theta: float, where: str):
     """(base, scaling) from either transformers 4.x (rope_theta, rope_scaling at top level) or
     5.x (rope_parameters holding both) configs."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy_scaling = hf.get("rope_scaling") or {}
+    params = dict(_object(hf, "rope_parameters", where))
+    legacy_scaling = _object(hf, "rope_scaling", where)
     base = params.pop("rope_theta", hf.get("rope_theta", legacy_scaling.get("rope_theta", default_theta)))
     scaling = params or {k: v for k, v in legacy_scaling.items() if k != "rope_theta"}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    return float(base), (None if kind == "default" else scaling)
+    return base, (None if kind == "default" else scaling)
 
 
 def _require(hf: dict, field: str, where: str):
@@ -52,8 +81,33 @@ def _common(hf: dict, where: str, defaults: dict) -> dict:
         head_dim=hf.get("head_dim", defaults["head_dim"]),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
+        # LLaMA-1 conversions (and models made from them) write -1 for "no padding token".
+        pad_token_id=None if hf.get("pad_token_id") == -1 else hf.get("pad_token_id"),
     )
+
+
+def _uses_rope(hf: dict, num_layers, where: str) -> list:
+    """no_rope_layers: for each layer, 1 when it USES RoPE. Missing: transformers' default,
+    a NoPE layer every no_rope_layer_interval layers."""
+    check_field("num_layers", num_layers)  # before counting to it
+    uses_rope = hf.get("no_rope_layers")
+    if uses_rope:
+        if not (isinstance(uses_rope, list) and len(uses_rope) == num_layers
+                and all(flag in (0, 1) for flag in uses_rope)):
+            raise CheckpointError(f"{where}: 'no_rope_layers' must list 1 (RoPE) or 0 (NoPE) for "
+                                  f"each of the {num_layers} layers, got {uses_rope!r:.60}")
+        return uses_rope
+    interval = hf.get("no_rope_layer_interval", 4)
+    if not (isinstance(interval, int) and interval > 0):
+        raise CheckpointError(f"{where}: 'no_rope_layer_interval' must be a positive integer, "
+                              f"got {interval!r:.60}")
+    return [int((i + 1) % interval != 0) for i in range(num_layers)]
+
+
+def _truthy(value):
+    """A flag that real configs also write as a number (Llama 4 Scout's
+    attn_temperature_tuning is 4); other types are left for the config to refuse."""
+    return bool(value) if isinstance(value, int) else value
 
 
 def _llama4_text(hf: dict, where: str) -> dict:
@@ -62,11 +116,8 @@ def _llama4_text(hf: dict, where: str) -> dict:
             f"{where}: Llama-4 mixture-of-experts layers {hf['moe_layers']} are not supported; "
             "only dense llama4_text models (MobileLLM-R1) convert")
     num_layers = _require(hf, "num_hidden_layers", where)
-    # no_rope_layers[i] == 1 means layer i USES RoPE. Missing: transformers' default, a NoPE
-    # layer every no_rope_layer_interval layers.
-    interval = hf.get("no_rope_layer_interval", 4)
-    uses_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
-    base, scaling = _rope(hf, 500000.0)
+    uses_rope = _uses_rope(hf, num_layers, where)
+    base, scaling = _rope(hf, 500000.0, where)
     return dict(
         _common(hf, where, dict(max_position_embeddings=131072, rms_norm_eps=1e-5, head_dim=128)),
         hidden_dim=_require(hf, "intermediate_size_mlp", where),
@@ -75,14 +126,14 @@ def _llama4_text(hf: dict, where: str) -> dict:
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         nope_layers=[i for i in range(num_layers) if not uses_rope[i]],
         attention_chunk_size=hf.get("attention_chunk_size", 8192),
-        attn_temperature_tuning=hf.get("attn_temperature_tuning", True),
-        floor_scale=float(hf.get("floor_scale", 8192)),
-        attn_scale=float(hf.get("attn_scale", 0.1)),
+        attn_temperature_tuning=_truthy(hf.get("attn_temperature_tuning", True)),
+        floor_scale=hf.get("floor_scale", 8192),
+        attn_scale=hf.get("attn_scale", 0.1),
     )
 
 
 def _llama(hf: dict, where: str) -> dict:
-    base, scaling = _rope(hf, 10000.0)
+    base, scaling = _rope(hf, 10000.0, where)
     return dict(
         _common(hf, where, dict(max_position_embeddings=2048, rms_norm_eps=1e-6, head_dim=None)),
         hidden_dim=_require(hf, "intermediate_size", where),
@@ -98,8 +149,8 @@ def _mobilellm(hf: dict, where: str) -> dict:
     every block twice in a row."""
     return dict(
         _llama(hf, where),
-        tie_word_embeddings=bool(hf.get("share_embedding", hf.get("tie_word_embeddings", False))),
-        layer_sharing=bool(hf.get("layer_sharing", False)),
+        tie_word_embeddings=hf.get("share_embedding", hf.get("tie_word_embeddings", False)),
+        layer_sharing=hf.get("layer_sharing", False),
     )
 
 
@@ -108,15 +159,12 @@ _READERS = {"llama4_text": _llama4_text, "llama": _llama, "mobilellm": _mobilell
 
 def config_from_hf(hf: dict, where: str = "config.json") -> MobileLLMConfig:
     """Our config for a Hugging Face config dict; `where` names the file in error messages."""
-    model_type = hf.get("model_type")
-    reader = _READERS.get(model_type)
-    if reader is None:
-        raise CheckpointError(
-            f"{where}: model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    model_type = hf_model_type(hf, where)
     try:
-        return MobileLLMConfig(**reader(hf, where))
-    except (TypeError, ValueError) as error:
+        return MobileLLMConfig(**_READERS[model_type](hf, where))
+    except ConfigFieldError as error:
+        raise CheckpointError(f"{where}: '{hf_field(error.field, model_type)}' {error.problem}") from None
+    except ValueError as error:
         if isinstance(error, CheckpointError):
             raise
         raise CheckpointError(f"{where}: {error}") from None

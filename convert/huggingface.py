@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Tuple
 
-
 from mlx_mobilellm.errors import CheckpointError
+from mlx_mobilellm.loading import check_layer_count
+from mlx_mobilellm.input_checks import read_json_object
 from mlx_mobilellm.models.config import MobileLLMConfig
 
-from .hf_config import config_from_hf
+from .hf_config import config_from_hf, hf_model_type
 from .names import IGNORED_SOURCE_TENSORS, to_ours
 from .safetensors_files import read_tensors, safetensors_files
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; a checkpoint folder needs its config.json") from None
-    except ValueError as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; a checkpoint folder needs its config.json")
+    return read_json_object(path)
 
 
-def read_hf_checkpoint(folder: Path, files: Optional[list] = None) -> Tuple[MobileLLMConfig, str, dict]:
-    """(config, source model_type, weights under our names, lazily loaded) of a Hugging Face
-    folder; `files` picks the safetensors files (default: the folder's)."""
-    hf = read_json(folder / "config.json")
-    config = config_from_hf(hf, str(folder / "config.json"))
-    source = hf["model_type"]
+def _weights(files: list, source: str) -> dict:
+    """The tensors under our names (lazily loaded); names the format has not are refused."""
     weights = {}
-    for name, array, file in read_tensors(files or safetensors_files(folder)):
+    for name, array, file in read_tensors(files):
         if IGNORED_SOURCE_TENSORS.match(name):
             continue
         ours = to_ours(name, source)
@@ -39,7 +32,20 @@ def read_hf_checkpoint(folder: Path, files: Optional[list] = None) -> Tuple[Mobi
             hint = (" (mixture-of-experts weights: only dense models are supported)"
                     if "experts" in name or "router" in name else "")
             raise CheckpointError(f"{file}: unexpected tensor '{name}' for a {source} checkpoint{hint}")
-        if ours == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # some exporters write the tied head out as well; it is the embedding
         weights[ours] = array
+    return weights
+
+
+def read_hf_checkpoint(folder: Path, files: Optional[list] = None) -> Tuple[MobileLLMConfig, str, dict]:
+    """(config, source model_type, weights under our names, lazily loaded) of a Hugging Face
+    folder; `files` picks the safetensors files (default: the folder's)."""
+    where = str(folder / "config.json")
+    hf = read_json(folder / "config.json")
+    source = hf_model_type(hf, where)
+    weights = _weights(files or safetensors_files(folder), source)
+    # Before the config is read: reading it counts to the layer count (no_rope_layers).
+    check_layer_count(hf.get("num_hidden_layers"), weights, where, "num_hidden_layers")
+    config = config_from_hf(hf, where)
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # some exporters write the tied head too; it is the embedding
     return config, source, weights

@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Optional
 
 from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.model_folder import CONFIG_FILE, is_model_folder, split_folder_config
+from mlx_mobilellm.loading import check_sizes, check_weights
+from mlx_mobilellm.model_folder import CONFIG_FILE, is_model_folder, quantize_like, split_folder_config
 from mlx_mobilellm.models.config import MobileLLMConfig
+from mlx_mobilellm.models.mobilellm import MobileLLM
 
-from .gguf_file import read_gguf
-from .hf_config import SUPPORTED_MODEL_TYPES
+from .gguf_file import gguf_key, read_gguf
+from .hf_config import SUPPORTED_MODEL_TYPES, hf_field
 from .huggingface import read_hf_checkpoint, read_json
 from .names import NAME_TABLES, from_ours
-from .safetensors_files import PICKLE_SUFFIXES, read_tensors, safetensors_files
+from .safetensors_files import read_tensors, safetensors_files
 
 SOURCE_FORMATS = SUPPORTED_MODEL_TYPES + ("cheapertraining", "gguf", "mlx")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
@@ -61,6 +63,22 @@ class Checkpoint:
             return from_ours(ours, self.source_format) or ours
         return ours
 
+    def validate(self) -> None:
+        """Every tensor a model of this config has, with its shape, and nothing else (the
+        sizes were checked when the checkpoint was opened, so building the model is cheap)."""
+        model = MobileLLM(self.config)
+        if self.quantization:
+            quantize_like(model, self.quantization, self.weights)
+        check_weights(model, self.weights, self.origin, self.source_name)
+
+    def source_field(self, ours: str) -> str:
+        """How the checkpoint's config names one of our config fields (for error messages)."""
+        if self.source_format == "gguf":
+            return gguf_key(ours)
+        if self.source_format in SUPPORTED_MODEL_TYPES:
+            return hf_field(ours, self.source_format)
+        return ours
+
 
 def download(repo_id: str, quiet: bool = False) -> Path:
     """A hub snapshot with only what conversion reads; HF_HUB_OFFLINE and the cache apply."""
@@ -86,13 +104,13 @@ def detect_format(config: dict, where: str) -> str:
     if "embed_dim" in config and "num_layers" in config:
         return "cheapertraining"
     raise CheckpointError(
-        f"{where}: cannot tell the checkpoint format (model_type {config.get('model_type')!r}); "
+        f"{where}: cannot tell the checkpoint format (model_type {config.get('model_type')!r:.60}); "
         f"supported: {', '.join(SOURCE_FORMATS)} — pass --source-format if it is one of them")
 
 
-def _cheapertraining(folder: Path, files: list, where: str) -> tuple:
+def _cheapertraining(raw: dict, files: list, where: str) -> tuple:
     try:
-        config = MobileLLMConfig.from_dict(read_json(folder / CONFIG_FILE))
+        config = MobileLLMConfig.from_dict(raw)
     except (TypeError, ValueError) as error:
         if isinstance(error, CheckpointError):
             raise
@@ -101,6 +119,15 @@ def _cheapertraining(folder: Path, files: list, where: str) -> tuple:
 
 
 def open_checkpoint(spec, source_format: Optional[str] = None, quiet: bool = False) -> Checkpoint:
+    """The checkpoint `spec` names, its config's sizes checked against its tensors (so that a
+    model of that config can be built without building something absurd first)."""
+    checkpoint = _open(spec, source_format, quiet)
+    check_sizes(checkpoint.config, checkpoint.weights, checkpoint.origin, checkpoint.source_name,
+                checkpoint.source_field)
+    return checkpoint
+
+
+def _open(spec, source_format: Optional[str], quiet: bool) -> Checkpoint:
     path = Path(spec)
     if not path.exists():
         if _REPO_ID.match(str(spec)) and not str(spec).startswith((".", "/")):
@@ -113,9 +140,7 @@ def open_checkpoint(spec, source_format: Optional[str] = None, quiet: bool = Fal
     if path.suffix == ".gguf" or source_format == "gguf":
         config, weights, quantization, meta = read_gguf(path)
         return Checkpoint(config, "gguf", weights, quantization, str(spec), None, meta)
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-        safetensors_files(path)  # raises the pickle refusal
-    folder, files = (path.parent, [path]) if path.is_file() else (path, None)
+    folder, files = (path.parent, safetensors_files(path)) if path.is_file() else (path, None)
     config_path = folder / CONFIG_FILE
     raw = read_json(config_path)
     kind = source_format or detect_format(raw, str(config_path))
@@ -127,7 +152,7 @@ def open_checkpoint(spec, source_format: Optional[str] = None, quiet: bool = Fal
         return Checkpoint(config, "mlx", weights, quantization, str(spec), folder,
                           original_format=original)
     if kind == "cheapertraining":
-        config, weights = _cheapertraining(folder, files, str(config_path))
+        config, weights = _cheapertraining(raw, files, str(config_path))
         return Checkpoint(config, kind, weights, None, str(spec), folder)
     if kind != raw.get("model_type"):
         raw_type = raw.get("model_type")

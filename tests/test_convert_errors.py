@@ -133,7 +133,8 @@ BAD_SOURCES = {
                                  "model.layers.2.mlp.up_proj.weight")),
         ["unexpected", "model.layers.2.mlp.up_proj.weight"]),
     "shape-does-not-match-config": (with_config(lambda c: c.update(intermediate_size=192)),
-                                    ["mlp.", "shape", "(160, 64)", "(192, 64)", "config"]),
+                                    ["intermediate_size = 192", "mlp.up_proj", "(160, 64)",
+                                     "config"]),
     "unknown-model-type": (with_config(lambda c: c.update(model_type="gpt2")),
                            ["config.json", "'gpt2'", "llama4_text", "llama", "mobilellm"]),
     "config-missing-required-field": (with_config(lambda c: c.pop("hidden_size")),
@@ -228,11 +229,9 @@ def test_write_failing_midway_leaves_nothing_behind(tmp_path, monkeypatch, repla
     destination is as before (absent, or the old folder when --force was replacing it)."""
     source = hf_folder(tmp_path / "src")
     out = tmp_path / "out" / "mlx"
-    out.mkdir(parents=True)
+    out.parent.mkdir()
     if replacing:
-        (out / "old.txt").write_text("the previous conversion")
-    else:
-        out.rmdir()
+        convert(source, out, quiet=True)  # the previous conversion
     before = files_under(out.parent)
     save = mx.save_safetensors
     calls = []
@@ -249,3 +248,12 @@ def test_write_failing_midway_leaves_nothing_behind(tmp_path, monkeypatch, repla
     assert len(calls) == 2
     assert "No space left on device" in str(caught.value) and "\n" not in str(caught.value)
     assert files_under(out.parent) == before
+
+
+def test_names_from_a_file_cannot_break_the_error_line(tmp_path, capsys):
+    """A tensor name is the file's to choose: a newline or a terminal escape in it is shown
+    escaped, so the error stays one line and cannot drive the terminal."""
+    source = with_tensors(copy_tensor("model.norm.weight", "model.layers.0.mlp.x\n\x1b[31m.weight"))
+    folder, _ = source(tmp_path / "src")
+    line = error_line(capsys, ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "out")])
+    assert "x\\n\\x1b[31m.weight" in line

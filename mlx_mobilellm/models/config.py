@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from ..input_checks import is_finite_number, is_whole_number
+from .rope import SUPPORTED_ROPE_TYPES
 
 # Stored in config.json so that a folder written by us is never mistaken for a Hugging Face one.
 MODEL_TYPE = "mlx_mobilellm"
@@ -19,6 +22,99 @@ MODEL_TYPE = "mlx_mobilellm"
 def as_id_list(ids) -> list:
     """A token id or a sequence of them, as a list of ints."""
     return [int(ids)] if isinstance(ids, Integral) else [int(i) for i in ids]
+
+
+class ConfigFieldError(ValueError):
+    """A config field with a value it cannot have. `field` is our name for it, so that the
+    reader of another format can name the field as its own file spells it."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"MobileLLMConfig.{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _short(value) -> str:
+    """repr(value), cut short: a config value can be as long as the file."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_token_id(value) -> bool:
+    return is_whole_number(value) and value >= 0
+
+
+def _optional(accepts: Callable) -> Callable:
+    return lambda value: value is None or accepts(value)
+
+
+def _positive_int(value) -> bool:
+    return is_whole_number(value) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return is_finite_number(value) and value > 0
+
+
+def _token_ids(value) -> bool:
+    """None, one id, or a list of them (eos_token_id)."""
+    return _optional(_is_token_id)(value) or (
+        isinstance(value, list) and all(_is_token_id(i) for i in value))
+
+
+def _rope_scaling_problem(scaling: dict) -> Optional[str]:
+    """What is wrong with a rope_scaling object, or None: RoPE divides by these numbers."""
+    if not all(isinstance(v, (str, int, float, type(None))) for v in scaling.values()):
+        return f"must hold only numbers and strings, got {_short(scaling)}"
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        return f"has rope_type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    if kind == "default":
+        return None
+    if not _positive_number(scaling.get("factor")):
+        return f"needs a positive number 'factor' for rope_type {kind!r}, got {_short(scaling)}"
+    if kind == "llama3":
+        # rope.py's defaults for the keys a config may leave out.
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        context = scaling.get("original_max_position_embeddings", 8192)
+        if not (_positive_number(low) and is_finite_number(high) and high > low and _positive_number(context)):
+            return ("needs positive numbers low_freq_factor < high_freq_factor and "
+                    f"original_max_position_embeddings, got {_short(scaling)}")
+    return None
+
+
+# Every field: a test of the value, and what the value must be (for the error message).
+_FIELD_RULES = {
+    **{name: (_positive_int, "a positive integer") for name in (
+        "num_layers", "num_heads", "num_kv_heads", "embed_dim", "hidden_dim", "vocab_size",
+        "max_seq_len")},
+    **{name: (_optional(_positive_int), "a positive integer or null")
+       for name in ("head_dim", "attention_chunk_size")},
+    **{name: (lambda v: isinstance(v, bool), "true or false") for name in (
+        "use_qk_norm", "tie_word_embeddings", "rope_traditional", "qk_norm_weight",
+        "attn_temperature_tuning", "layer_sharing")},
+    "rope_base": (_positive_number, "a positive number"),
+    "norm_eps": (_positive_number, "a positive number"),
+    "floor_scale": (_positive_number, "a positive number"),
+    "attn_scale": (is_finite_number, "a number"),
+    "dropout": (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "rope_scaling": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
+    "nope_layers": (lambda v: isinstance(v, list) and all(is_whole_number(i) for i in v),
+                    "a list of layer indices"),
+    "bos_token_id": (_optional(_is_token_id), "a token id (an integer >= 0) or null"),
+    "pad_token_id": (_optional(_is_token_id), "a token id (an integer >= 0) or null"),
+    "eos_token_id": (_token_ids, "a token id (an integer >= 0), a list of them, or null"),
+}
+_NUMBERS = ("rope_base", "norm_eps", "floor_scale", "attn_scale", "dropout")
+
+
+def check_field(name: str, value) -> None:
+    """Refuse a value of the wrong type or range for field `name` (ConfigFieldError)."""
+    accepts, what = _FIELD_RULES[name]
+    if not accepts(value):
+        raise ConfigFieldError(name, f"must be {what}, got {_short(value)}")
+    problem = _rope_scaling_problem(value) if name == "rope_scaling" and value else None
+    if problem:
+        raise ConfigFieldError(name, problem)
 
 
 @dataclass
@@ -61,11 +157,10 @@ class MobileLLMConfig:
     pad_token_id: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("num_layers", "num_heads", "num_kv_heads", "embed_dim", "hidden_dim",
-                     "vocab_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"MobileLLMConfig.{name} must be a positive integer, got {value!r}")
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name))
+        for name in _NUMBERS:
+            setattr(self, name, float(getattr(self, name)))
         if self.head_dim is None and self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); "
@@ -79,14 +174,16 @@ class MobileLLMConfig:
         if self.dim_per_head <= 0 or self.dim_per_head % 2:
             raise ValueError(f"the head width must be a positive even number (RoPE rotates pairs), "
                              f"got {self.dim_per_head}; set head_dim or change embed_dim/num_heads")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        self.nope_layers = sorted(int(i) for i in self.nope_layers)
+        self.nope_layers = sorted(self.nope_layers)
         bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
         if bad:
-            raise ValueError(f"nope_layers {bad} are outside 0..{self.num_layers - 1}")
+            raise ConfigFieldError("nope_layers", f"{_short(bad)} are outside 0..{self.num_layers - 1}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            ids = getattr(self, name)
+            outside = [] if ids is None else [i for i in as_id_list(ids) if i >= self.vocab_size]
+            if outside:
+                raise ConfigFieldError(name, f"{_short(outside)} is outside the vocabulary "
+                                             f"(vocab_size {self.vocab_size})")
 
     @property
     def dim_per_head(self) -> int:
