@@ -9,10 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.loading import DTYPES, check_weights
-from mlx_mobilellm.model_folder import folder_config, quantize_like
+from mlx_mobilellm.loading import DTYPES
+from mlx_mobilellm.model_folder import folder_config
 from mlx_mobilellm.models.mobilellm import MobileLLM
 
+from .destination import check_destination
 from .progress import progress
 from .sources import Checkpoint, open_checkpoint
 from .writer import MAX_SHARD_BYTES, write_model_folder
@@ -39,13 +40,6 @@ def _check_group_size(checkpoint: Checkpoint, q_group_size: int) -> None:
         raise CheckpointError(
             f"--q-group-size {q_group_size} does not divide the width {width} of '{odd[0]}' "
             f"({len(odd)} layer(s) in all); use --q-group-size {' or '.join(map(str, fits)) or '?'}")
-
-
-def _validate(checkpoint: Checkpoint) -> None:
-    model = MobileLLM(checkpoint.config)
-    if checkpoint.quantization:
-        quantize_like(model, checkpoint.quantization, checkpoint.weights)
-    check_weights(model, checkpoint.weights, checkpoint.origin, checkpoint.source_name)
 
 
 def _tensor_converter(checkpoint: Checkpoint, dtype: Optional[str], q_bits: Optional[int],
@@ -89,14 +83,12 @@ def convert(source, mlx_path, *, source_format: Optional[str] = None, dtype: Opt
     if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
         raise CheckpointError(f"--q-bits must be one of {Q_BITS} and --q-group-size one of "
                               f"{Q_GROUP_SIZES}; got {q_bits} and {q_group_size}")
-    mlx_path = Path(mlx_path)
-    if mlx_path.exists() and not force:
-        raise CheckpointError(f"{mlx_path}: already exists; choose another path or pass --force")
+    check_destination(mlx_path, force, [source])  # before the (long) reading
     checkpoint = open_checkpoint(source, source_format, quiet)
     if quantize and checkpoint.quantization:
         raise CheckpointError(f"{checkpoint.origin}: is already quantized; convert it without -q "
                               "(or from a float checkpoint)")
-    _validate(checkpoint)
+    checkpoint.validate()
     if quantize:
         _check_group_size(checkpoint, q_group_size)
 
@@ -114,5 +106,5 @@ def convert(source, mlx_path, *, source_format: Optional[str] = None, dtype: Opt
 
     return write_model_folder(
         mlx_path, converted(), folder_config(checkpoint.config, quantization, checkpoint.export_format),
-        checkpoint, _model_card(checkpoint, dtype, quantization), force=force,
+        checkpoint, _model_card(checkpoint, dtype, quantization), force=force, sources=[source],
         max_shard_bytes=max_shard_bytes)

@@ -23,14 +23,15 @@ import mlx.core as mx
 
 from mlx_mobilellm.errors import CheckpointError
 from mlx_mobilellm.loading import DTYPES
-from mlx_mobilellm.model_folder import CONFIG_FILE, write_json
+from mlx_mobilellm.model_folder import CONFIG_FILE, TOKENIZER_FILES, write_json
 from mlx_mobilellm.models.config import MobileLLMConfig
 
+from .destination import atomic_output, check_destination
 from .hf_config import SUPPORTED_MODEL_TYPES, config_to_hf
 from .names import from_ours
 from .progress import progress
 from .sources import Checkpoint, open_checkpoint
-from .writer import MAX_SHARD_BYTES, TOKENIZER_FILES, ShardWriter, atomic_folder
+from .writer import MAX_SHARD_BYTES, ShardWriter
 
 EXPORT_FORMATS = SUPPORTED_MODEL_TYPES + ("cheapertraining",)
 # Whether each format stores Q/K rows for interleaved-pair RoPE (True) or rotate-half (False).
@@ -163,7 +164,8 @@ def export_hf(mlx_path, hf_path, *, model_type: Optional[str] = None, dtype: Opt
     "bfloat16") casts the weights; default: as stored. Quantized models are dequantized,
     by default into their scales' dtype (the model's); dtype="float32" keeps the
     dequantized weights exact. The output is written to a temporary sibling
-    and renamed when complete; an existing `hf_path` is replaced only with force=True.
+    and renamed when complete; an existing `hf_path` is replaced only with force=True, and
+    only as destination.check_destination allows.
     """
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -171,17 +173,17 @@ def export_hf(mlx_path, hf_path, *, model_type: Optional[str] = None, dtype: Opt
         raise CheckpointError(f"model type {model_type!r} cannot be exported; "
                               f"supported: {', '.join(EXPORT_FORMATS)}")
     hf_path = Path(hf_path)
-    if hf_path.exists() and not force:
-        raise CheckpointError(f"{hf_path}: already exists; choose another path or pass --force")
+    check_destination(hf_path, force, [mlx_path])  # before the (long) reading
     checkpoint = open_checkpoint(mlx_path, quiet=quiet)
+    checkpoint.validate()
     fmt = model_type or default_format(checkpoint)
     config = checkpoint.config
     out_dtype = weights_dtype(checkpoint, dtype)
     hf_config = target_config(config, fmt, out_dtype)  # refuses what fmt cannot express
     interleaved = STORES_INTERLEAVED.get(fmt, config.rope_traditional)
 
-    with atomic_folder(hf_path, force) as folder:
-        writer = ShardWriter(folder, max_shard_bytes, metadata=_HF_METADATA)
+    with atomic_output(hf_path, force, [mlx_path]) as folder:
+        writer = ShardWriter(folder, max_shard_bytes, metadata=_HF_METADATA, destination=hf_path)
         count = sum(1 for n in checkpoint.weights if not n.endswith((".scales", ".biases")))
         # With a dtype, dequantize exactly and cast once; without, into the scales' dtype.
         weights = float_weights(checkpoint, exact=dtype is not None)

@@ -22,10 +22,7 @@ rope_freqs tensor, which this exporter does not write).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -33,12 +30,14 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_mobilellm.errors import CheckpointError
+from mlx_mobilellm.input_checks import read_json_object
 from mlx_mobilellm.models.config import MobileLLMConfig
 
 from .export import STORES_INTERLEAVED, float_weights, restore_rope_layout
 from .names import from_ours
 from .progress import progress
 from .sources import Checkpoint, open_checkpoint
+from .destination import atomic_output, check_destination
 
 ARCHITECTURE = "llama"
 
@@ -207,12 +206,7 @@ def _chat_template(folder: Path, tokenizer_config: dict) -> Optional[str]:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    return read_json_object(path) if path.is_file() else {}
 
 
 def write_tokenizer(writer, checkpoint: Checkpoint) -> bool:
@@ -290,26 +284,17 @@ def export_gguf(mlx_path, out_file, *, force: bool = False, quiet: bool = False)
     are dequantized), with tokenizer metadata when the folder has a byte-level BPE
     tokenizer.json (otherwise weights and hyperparameters only). See the module docstring for
     what is written and what is refused. The file is written beside `out_file` under a
-    temporary name and renamed when complete; an existing file is replaced only with force.
+    temporary name and renamed when complete; an existing file is replaced only with force,
+    and only when it is a GGUF file (see destination.check_destination).
     """
     out_file = Path(out_file)
-    if out_file.is_dir():
-        raise CheckpointError(f"{out_file}: is a folder; give the path of the .gguf file to write")
-    if out_file.exists() and not force:
-        raise CheckpointError(f"{out_file}: already exists; choose another path or pass --force")
+    check_destination(out_file, force, [mlx_path], folder=False)  # before the (long) reading
     checkpoint = open_checkpoint(mlx_path, quiet=quiet)
+    checkpoint.validate()
     check_expressible(checkpoint.config, str(mlx_path))
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name beside the target (same file system, so the rename is atomic); the
-    # writer creates it with the usual permissions.
-    temporary = out_file.parent / f".{out_file.name}.{uuid.uuid4().hex}.tmp"
-    try:
+    with atomic_output(out_file, force, [mlx_path], folder=False) as temporary:
         has_tokenizer = _write(temporary, checkpoint, Path(mlx_path).name, quiet)
-        os.replace(temporary, out_file)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     if not has_tokenizer and not quiet:
         print(f"{out_file}: no byte-level BPE tokenizer.json in {mlx_path}; the GGUF holds "
               "weights and hyperparameters only", file=sys.stderr)

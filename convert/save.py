@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -33,13 +33,15 @@ def model_quantization(model: MobileLLM) -> Optional[dict]:
 
 
 def save_model(model: MobileLLM, mlx_path, source_format: Optional[str], tokenizer_source=None,
-               *, readme: str = "", force: bool = False, quiet: bool = False,
-               max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+               *, readme: str = "", force: bool = False, sources: Iterable = (),
+               quiet: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model`'s parameters, config (recording `source_format`, the format export writes
     back by default) and the tokenizer files of `tokenizer_source` (a convert.sources.Checkpoint,
-    or None) as an MLX model folder that mlx_mobilellm.load reads back."""
+    or None) as an MLX model folder that mlx_mobilellm.load reads back. `sources`: the paths
+    it came from, which even `force` never replaces (see convert.destination.check_destination)."""
     weights = tree_flatten(model.parameters())
     config = folder_config(model.config, model_quantization(model), source_format)
     readme = readme or (f"# {Path(mlx_path).name}\n\nMLX model folder written by mlx-mobilellm.\n")
     return write_model_folder(mlx_path, progress(weights, len(weights), "saving", quiet), config,
-                              tokenizer_source, readme, force=force, max_shard_bytes=max_shard_bytes)
+                              tokenizer_source, readme, force=force, sources=sources,
+                              max_shard_bytes=max_shard_bytes)

@@ -1,43 +1,21 @@
-"""Writing a model folder safely: shard by shard, into a temporary sibling renamed at the end."""
+"""Writing a model folder: tensors shard by shard, so that at most one shard is in memory, with
+its config, tokenizer files and model card, into the place convert.destination gives it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import mlx.core as mx
 
 from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.model_folder import CONFIG_FILE, INDEX_FILE, write_json
+from mlx_mobilellm.model_folder import CONFIG_FILE, INDEX_FILE, TOKENIZER_FILES, write_json
+
+from .destination import PRODUCER, atomic_output
 
 MAX_SHARD_BYTES = 5 * 10**9
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
-                   "chat_template.json")
-
-
-@contextlib.contextmanager
-def atomic_folder(destination: Path, force: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `destination`; when the block completes it
-    replaces `destination`, and when it fails it is removed: no half-written output remains."""
-    destination = Path(destination)
-    if destination.exists() and not force:
-        raise CheckpointError(f"{destination}: already exists; choose another path or pass --force")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp",
-                                      dir=destination.parent))
-    try:
-        yield temporary
-        if destination.exists():
-            shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
-        temporary.rename(destination)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
 
 
 class ShardWriter:
@@ -50,7 +28,7 @@ class ShardWriter:
         self.folder = Path(folder)
         self.destination = Path(destination or folder)  # named in errors; folder may be temporary
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = metadata or {"format": "mlx"}
+        self.metadata = {**(metadata or {"format": "mlx"}), "producer": PRODUCER}
         self.pending: dict = {}
         self.pending_bytes = 0
         self.shards: list = []  # (temporary file name, tensor names)
@@ -109,12 +87,13 @@ def copy_tokenizer_files(checkpoint, folder: Path) -> None:
 
 def write_model_folder(mlx_path, tensors: Iterable[Tuple[str, mx.array]], config: dict,
                        tokenizer_source, readme: str, *, force: bool = False,
-                       max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                       sources: Iterable = (), max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """An MLX model folder (see mlx_mobilellm.model_folder) at `mlx_path`: the (name, array)
     pairs in shards, `config` as config.json, the tokenizer files of `tokenizer_source` (a
-    convert.sources.Checkpoint, or None) and `readme` as README.md; written atomically."""
+    convert.sources.Checkpoint, or None) and `readme` as README.md; written atomically, an
+    existing folder replaced only as check_destination allows (`sources`: the inputs)."""
     mlx_path = Path(mlx_path)
-    with atomic_folder(mlx_path, force) as folder:
+    with atomic_output(mlx_path, force, sources) as folder:
         writer = ShardWriter(folder, max_shard_bytes, destination=mlx_path)
         for name, array in tensors:
             writer.add(name, array)
