@@ -132,11 +132,11 @@ def tokenizer_files(metadata: dict) -> Dict[str, str]:
         tokenizer = byte_level_bpe(vocab, pre)
         add_bos_default, clean_spaces = pre.add_bos, pre.clean_spaces
     else:
-        add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        add_space_prefix = _typed_field(metadata, "tokenizer.ggml.add_space_prefix", bool, True)
         tokenizer = sentencepiece_bpe(vocab, add_space_prefix)
         add_bos_default, clean_spaces = True, False
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
-    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+    add_bos = _typed_field(metadata, "tokenizer.ggml.add_bos_token", bool, add_bos_default)
+    add_eos = _typed_field(metadata, "tokenizer.ggml.add_eos_token", bool, False)
 
     tokenizer_json = json.loads(tokenizer.to_str())
     tokenizer_json["post_processor"] = bos_eos_processor(vocab, add_bos, add_eos)
@@ -154,20 +154,21 @@ def tokenizer_files(metadata: dict) -> Dict[str, str]:
 # --- reading the metadata ---------------------------------------------------------------------
 
 def read_vocab(metadata: dict) -> GGUFVocab:
-    kind = metadata["tokenizer.ggml.model"]
+    kind = _typed_field(metadata, "tokenizer.ggml.model", str, None)
     if kind not in ("gpt2", "llama"):
         raise CheckpointError(
-            f"GGUF metadata field 'tokenizer.ggml.model' is {kind!r}; tokenizers can be rebuilt "
-            "for 'gpt2' (byte-level BPE) and 'llama' (SentencePiece) only")
-    tokens = [str(t) for t in metadata["tokenizer.ggml.tokens"]]
+            f"GGUF metadata field 'tokenizer.ggml.model' is {kind!r:.80}; tokenizers can be "
+            "rebuilt for 'gpt2' (byte-level BPE) and 'llama' (SentencePiece) only")
+    tokens = _list_field(metadata, "tokenizer.ggml.tokens", None, str)
     count = len(tokens)
     # Files without types or scores exist; llama.cpp then takes every token as normal.
-    types = _list_field(metadata, "tokenizer.ggml.token_type", count) or [NORMAL] * count
-    scores = _list_field(metadata, "tokenizer.ggml.scores", count)
+    types = _list_field(metadata, "tokenizer.ggml.token_type", count, int) or [NORMAL] * count
+    scores = _list_field(metadata, "tokenizer.ggml.scores", count, (int, float))
     merges = None
     if kind == "gpt2":
         known = set(tokens)
-        merges = [_merge_pair(m, known) for m in metadata.get("tokenizer.ggml.merges") or []]
+        merges = [_merge_pair(m, known)
+                  for m in _list_field(metadata, "tokenizer.ggml.merges", None, str) or []]
         if not merges:
             raise CheckpointError("GGUF metadata field 'tokenizer.ggml.merges' is missing or "
                                   "empty: a 'gpt2' (byte-level BPE) tokenizer needs its merges")
@@ -176,8 +177,8 @@ def read_vocab(metadata: dict) -> GGUFVocab:
                               "(SentencePiece) tokenizer ranks its pieces by these scores")
     special_ids = {name: _token_id(metadata, field, count, default.get(kind))
                    for name, (field, default) in _SPECIAL_FIELDS.items()}
-    return GGUFVocab(kind, tokens, [int(t) for t in types],
-                     [float(s) for s in scores] if scores else None, merges, special_ids)
+    return GGUFVocab(kind, tokens, types, [float(s) for s in scores] if scores else None, merges,
+                     special_ids)
 
 
 # bos/eos/unk/pad: the field and llama.cpp's default id per tokenizer kind.
@@ -189,9 +190,33 @@ _SPECIAL_FIELDS = {
 }
 
 
-def _list_field(metadata: dict, field: str, count: int) -> Optional[list]:
+# (one, many) of each metadata type, for messages.
+_TYPE_NAMES = {str: ("a string", "strings"), bool: ("a boolean", "booleans"),
+               int: ("an integer", "integers"), (int, float): ("a number", "numbers")}
+
+
+def _is_a(value, kind) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _typed_field(metadata: dict, field: str, kind, default):
+    """metadata[field] (default when absent), refused unless of type `kind`."""
+    value = metadata.get(field, default)
+    if field in metadata and not _is_a(value, kind):
+        raise CheckpointError(f"GGUF metadata field '{field}' must be {_TYPE_NAMES[kind][0]}, "
+                              f"not {type(value).__name__}: the file is damaged")
+    return value
+
+
+def _list_field(metadata: dict, field: str, count: Optional[int], kind) -> Optional[list]:
+    """An array of `kind` values (of `count` entries, when given), or None when absent."""
     values = metadata.get(field)
-    if values is not None and len(values) != count:
+    if values is None:
+        return None
+    if not isinstance(values, list) or not all(_is_a(v, kind) for v in values):
+        raise CheckpointError(f"GGUF metadata field '{field}' must be an array of "
+                              f"{_TYPE_NAMES[kind][1]}: the file is damaged")
+    if count is not None and len(values) != count:
         raise CheckpointError(f"GGUF metadata field '{field}' has {len(values)} entries but "
                               f"'tokenizer.ggml.tokens' has {count}: the file is inconsistent")
     return values
@@ -200,7 +225,7 @@ def _list_field(metadata: dict, field: str, count: int) -> Optional[list]:
 def _merge_pair(merge: str, tokens: set) -> Tuple[str, str]:
     """A merge "left right" (byte-level tokens never hold a plain space). Both sides and their
     join must be tokens: the tokenizers library panics on a merge that makes an unknown one."""
-    left, sep, right = str(merge).partition(" ")
+    left, sep, right = merge.partition(" ")
     if not sep or not left or not right:
         raise CheckpointError(f"GGUF metadata field 'tokenizer.ggml.merges' holds {merge!r}, "
                               "not two tokens separated by one space")
@@ -212,24 +237,24 @@ def _merge_pair(merge: str, tokens: set) -> Tuple[str, str]:
 
 
 def _token_id(metadata: dict, field: str, count: int, default: Optional[int]) -> Optional[int]:
-    token_id = metadata.get(field, default)
+    token_id = _typed_field(metadata, field, int, default)
     if token_id is None:
         return None
-    if not 0 <= int(token_id) < count:
+    if not 0 <= token_id < count:
         if field not in metadata:  # a default that this small vocabulary does not have
             return None
         raise CheckpointError(f"GGUF metadata field '{field}' is {token_id}, outside the "
                               f"vocabulary of {count} tokens")
-    return int(token_id)
+    return token_id
 
 
 def pre_tokenizer_of(metadata: dict) -> PreTokenizer:
-    name = metadata.get("tokenizer.ggml.pre") or "default"
+    name = _typed_field(metadata, "tokenizer.ggml.pre", str, None) or "default"
     if name not in PRE_TOKENIZERS:
         raise CheckpointError(
-            f"GGUF metadata field 'tokenizer.ggml.pre' is {name!r}, a pre-tokenizer this converter "
-            f"does not know; supported: {', '.join(PRE_TOKENIZERS)}. Copy the original model's "
-            "tokenizer.json and tokenizer_config.json into the converted folder instead")
+            f"GGUF metadata field 'tokenizer.ggml.pre' is {name!r:.80}, a pre-tokenizer this "
+            f"converter does not know; supported: {', '.join(PRE_TOKENIZERS)}. Copy the original "
+            "model's tokenizer.json and tokenizer_config.json into the converted folder instead")
     return PRE_TOKENIZERS[name]
 
 
@@ -336,8 +361,9 @@ def tokenizer_config(metadata: dict, vocab: GGUFVocab, add_bos: bool, add_eos: b
     config.update(add_bos_token=add_bos, add_eos_token=add_eos,
                   clean_up_tokenization_spaces=clean_spaces)
     context = metadata.get(f"{metadata.get('general.architecture')}.context_length")
-    if context:
-        config["model_max_length"] = int(context)
-    if metadata.get("tokenizer.chat_template"):
-        config["chat_template"] = str(metadata["tokenizer.chat_template"])
+    if _is_a(context, int) and context > 0:  # only a hint for tools; the model config checks it
+        config["model_max_length"] = context
+    template = _typed_field(metadata, "tokenizer.chat_template", str, None)
+    if template:
+        config["chat_template"] = template
     return config
