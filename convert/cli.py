@@ -4,6 +4,7 @@ run these same functions. Flags follow mlx-lm's where the idea is the same."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -87,8 +88,20 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _fill_closed_stdin() -> None:
+    """With standard input closed, the next file opened gets descriptor 0, and MLX's loaders
+    take a file on descriptor 0 for one that failed to open ("truncated or corrupt"). Keep
+    descriptor 0 taken by /dev/null; sys.stdin stays None, so commands reading it still see
+    it closed."""
+    try:
+        os.fstat(0)
+    except OSError:
+        os.open(os.devnull, os.O_RDONLY)
+
+
 def run_reporting_errors(run, args: argparse.Namespace) -> int:
     """Run a command; bad input (and a failing disk) becomes one line on stderr and exit status 1."""
+    _fill_closed_stdin()
     try:
         run(args)
     except (CheckpointError, OSError) as error:

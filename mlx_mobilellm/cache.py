@@ -7,6 +7,9 @@ from typing import List
 
 import mlx.core as mx
 
+from .errors import CheckpointError
+from .input_checks import is_whole_number
+
 
 class KVCache:
     """Keys and values of one attention layer, (batch, kv_heads, seq, head_dim).
@@ -126,13 +129,60 @@ def save_prompt_cache(path, cache: List[KVCache], tokens: List[int]) -> None:
 
 
 def load_prompt_cache(path):
-    """(cache, tokens) saved by save_prompt_cache."""
-    arrays, metadata = mx.load(str(path), return_metadata=True)
-    cache = []
-    for i, kind in enumerate(json.loads(metadata["layers"])):
-        layer = RotatingKVCache(kind["max_size"], kind["keep"]) if kind else KVCache()
-        layer.state = (arrays[f"{i}.keys"], arrays[f"{i}.values"])
-        if kind:
-            layer.offset = kind["offset"]
-        cache.append(layer)
-    return cache, json.loads(metadata["tokens"])
+    """(cache, tokens) saved by save_prompt_cache. A file it did not write is a CheckpointError
+    that names it, before anything attends to its arrays."""
+    try:
+        # As safetensors whatever the name: MLX's GGUF reader trusts the file's header.
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (RuntimeError, ValueError) as error:  # what MLX raises for missing or bad files
+        message = " ".join(str(error).split())
+        raise _not_a_prompt_cache(path, f"cannot read it ({message})") from None
+    kinds, tokens = (_metadata_list(path, metadata, name) for name in ("layers", "tokens"))
+    if not all(is_whole_number(t) and t >= 0 for t in tokens):
+        raise _not_a_prompt_cache(path, "its 'tokens' are not all token ids")
+    if set(arrays) != {f"{i}.{part}" for i in range(len(kinds)) for part in ("keys", "values")}:
+        raise _not_a_prompt_cache(path, f"its tensors are not the keys and values of the "
+                                  f"{len(kinds)} layers it lists")
+    cache = [_layer(path, i, kind, arrays[f"{i}.keys"], arrays[f"{i}.values"])
+             for i, kind in enumerate(kinds)]
+    if any(layer.offset != len(tokens) for layer in cache):
+        raise _not_a_prompt_cache(path, f"its layers do not all hold the {len(tokens)} "
+                                  "positions of its tokens")
+    return cache, tokens
+
+
+def _not_a_prompt_cache(path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {problem}; is it a file written by save_prompt_cache?")
+
+
+def _metadata_list(path, metadata: dict, name: str) -> list:
+    try:
+        value = json.loads(metadata.get(name, ""))
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, list):
+        raise _not_a_prompt_cache(path, f"its metadata has no JSON list '{name}'")
+    return value
+
+
+def _layer(path, index: int, kind, keys: mx.array, values: mx.array) -> KVCache:
+    """One layer's cache from its saved kind ({}, or a RotatingKVCache's sizes) and arrays."""
+    if keys.ndim != 4 or keys.shape != values.shape:
+        raise _not_a_prompt_cache(path, f"layer {index}'s keys {keys.shape} and values "
+                                  f"{values.shape} are not (batch, heads, positions, head_dim) "
+                                  "arrays of one shape")
+    if kind == {}:
+        layer = KVCache()
+        layer.state = (keys, values)
+        return layer
+    sizes = ("max_size", "keep", "offset")
+    if not (isinstance(kind, dict) and set(kind) == set(sizes)
+            and all(is_whole_number(kind[name]) for name in sizes)
+            and 0 <= kind["keep"] < kind["max_size"]
+            and keys.shape[2] <= min(kind["max_size"], kind["offset"])):
+        raise _not_a_prompt_cache(path, f"layer {index}'s kind is neither {{}} nor the sizes of "
+                                  f"a rotating cache holding its {keys.shape[2]} positions")
+    layer = RotatingKVCache(kind["max_size"], kind["keep"])
+    layer.state = (keys, values)
+    layer.offset = kind["offset"]
+    return layer

@@ -52,12 +52,32 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_values(args) -> None:
+    """Every flag's value, before a model loads. The library checks what it takes as parameters
+    (its messages name those); this adds the bounds only the command line sets."""
+    from .generate import MAX_DRAFT_TOKENS
+    from .input_checks import check_text
+    from .sampling import check_seed, make_logits_processors, make_sampler
+
+    if args.system is not None:
+        check_text(args.system, "--system")
     if args.max_tokens < 1:
         raise CheckpointError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.max_kv_size is not None and args.max_kv_size < 8:
         raise CheckpointError(f"--max-kv-size must be at least 8, got {args.max_kv_size}")
-    if args.num_draft_tokens < 1:
-        raise CheckpointError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
+    if args.draft_model and args.max_kv_size is not None:
+        # A bounded cache cannot take back rejected draft tokens: every turn would fail.
+        raise CheckpointError("--draft-model needs an unbounded KV cache; drop --max-kv-size "
+                              "or --draft-model")
+    if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise CheckpointError(f"--num-draft-tokens must be in [1, {MAX_DRAFT_TOKENS}], got "
+                              f"{args.num_draft_tokens}")
+    try:
+        make_sampler(args.temp, args.top_p, args.top_k, args.min_p)
+        make_logits_processors(args.repetition_penalty, args.repetition_context_size)
+        if args.seed is not None:
+            check_seed(args.seed)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def load_for_generation(spec, dtype, adapter_path=None):
@@ -75,13 +95,29 @@ def load_for_generation(spec, dtype, adapter_path=None):
     return model, tokenizer
 
 
-def _options(args) -> dict:
-    try:
-        from .sampling import make_sampler
+# Text whose token ids tell tokenizers apart: words, digits, accents, CJK, emoji.
+TOKENIZER_PROBE = "Hello world! 1234 café 你好 🦙 <|im_end|>"
 
-        make_sampler(args.temp, args.top_p, args.top_k, args.min_p)  # validate early
+
+def _load_models(args):
+    """(model, tokenizer, draft model or None)."""
+    from .generate import check_draft_model
+
+    model, tokenizer = load_for_generation(args.model, args.dtype, args.adapter_path)
+    if not args.draft_model:
+        return model, tokenizer, None
+    draft, draft_tokenizer = load_for_generation(args.draft_model, args.dtype)
+    if draft_tokenizer.encode(TOKENIZER_PROBE) != tokenizer.encode(TOKENIZER_PROBE):
+        raise CheckpointError(f"--draft-model {args.draft_model}: its tokenizer is not the one "
+                              "of --model; a draft model must share the model's tokenizer")
+    try:
+        check_draft_model(model, draft, args.num_draft_tokens)
     except ValueError as error:
-        raise CheckpointError(str(error)) from None
+        raise CheckpointError(f"--draft-model {args.draft_model}: {error}") from None
+    return model, tokenizer, draft
+
+
+def _options(args) -> dict:
     return dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty,
                 repetition_context_size=args.repetition_context_size, stop=args.stop,
@@ -93,22 +129,40 @@ def _messages(system, user_text):
         [{"role": "user", "content": user_text}]
 
 
+def _stdin_is_closed(command: str) -> CheckpointError:
+    return CheckpointError(f"{command} reads standard input, which is closed; pipe the text in "
+                           "(or run it in a terminal)")
+
+
+def _read_prompt(args) -> str:
+    """--prompt TEXT, or standard input for --prompt -, as text a tokenizer takes."""
+    from .input_checks import check_text
+
+    if args.prompt != "-":
+        return check_text(args.prompt, "--prompt")
+    if sys.stdin is None:
+        raise _stdin_is_closed("--prompt -")
+    try:
+        return check_text(sys.stdin.read(), "--prompt - (standard input)")
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"--prompt -: standard input is not UTF-8 text ({error.reason} at "
+                              f"byte {error.start})") from None
+    except OSError as error:
+        raise CheckpointError(f"--prompt -: cannot read standard input "
+                              f"({error.strerror or error})") from None
+
+
 def run_generate(args) -> None:
     from .generate import format_stats, stream_generate
 
     _check_values(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_for_generation(args.model, args.dtype, args.adapter_path)
-    draft = load_for_generation(args.draft_model, args.dtype)[0] if args.draft_model else None
+    prompt = _read_prompt(args)
+    model, tokenizer, draft = _load_models(args)
     if tokenizer.chat_template and not args.ignore_chat_template:
         prompt = tokenizer.apply_chat_template(_messages(args.system, prompt))
-    if args.seed is not None:
-        import mlx.core as mx
-
-        mx.random.seed(args.seed)
     response = None
     try:
-        for response in stream_generate(model, tokenizer, prompt, args.max_tokens,
+        for response in stream_generate(model, tokenizer, prompt, args.max_tokens, seed=args.seed,
                                         draft_model=draft, **_options(args)):
             print(response.text, end="", flush=True)
     except ValueError as error:  # a prompt longer than the context, ...
@@ -118,12 +172,39 @@ def run_generate(args) -> None:
         print(format_stats(response), file=sys.stderr)
 
 
+def _read_line():
+    """The next line typed, "" for one that could not be read as text (said on stderr), None at
+    the end of input."""
+    from .input_checks import check_text
+
+    try:
+        return check_text(input(">> "), "the line")
+    except EOFError:
+        print()
+        return None
+    except KeyboardInterrupt:
+        print()
+        return ""
+    except UnicodeDecodeError as error:  # stdin decoded strictly (a UTF-8 locale)
+        print(f"error: standard input is not UTF-8 text ({error.reason}); the line was skipped",
+              file=sys.stderr)
+        return ""
+    except CheckpointError as error:  # undecodable bytes kept as surrogates (a C locale)
+        print(f"error: {error}; it was skipped", file=sys.stderr)
+        return ""
+    except OSError as error:
+        raise CheckpointError(f"chat: cannot read standard input ({error.strerror})") from None
+
+
 def run_chat(args) -> None:
+    from convert.cli import one_line
+
     from .generate import PromptCache, format_stats, stream_generate
 
     _check_values(args)
-    model, tokenizer = load_for_generation(args.model, args.dtype, args.adapter_path)
-    draft = load_for_generation(args.draft_model, args.dtype)[0] if args.draft_model else None
+    if sys.stdin is None:
+        raise _stdin_is_closed("chat")
+    model, tokenizer, draft = _load_models(args)
     if args.seed is not None:
         import mlx.core as mx
 
@@ -137,15 +218,8 @@ def run_chat(args) -> None:
     history, cache = new_session()
     print("chat: /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops an answer", file=sys.stderr)
     while True:
-        try:
-            line = input(">> ")
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:
-            print()
-            continue
-        if line.strip() == "/exit":
+        line = _read_line()
+        if line is None or line.strip() == "/exit":
             return
         if line.strip() == "/reset":
             history, cache = new_session()
@@ -153,19 +227,19 @@ def run_chat(args) -> None:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        prompt = (tokenizer.apply_chat_template(history) if tokenizer.chat_template
-                  else tokenizer.encode(line))
         answer, response = "", None
         try:
+            prompt = (tokenizer.apply_chat_template(history) if tokenizer.chat_template
+                      else tokenizer.encode(line))
             for response in stream_generate(model, tokenizer, prompt, args.max_tokens,
                                             prompt_cache=cache, draft_model=draft, **options):
                 print(response.text, end="", flush=True)
                 answer += response.text
         except KeyboardInterrupt:
             print(" [stopped]", end="")
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            history.pop()
+        except ValueError as error:  # the template refused the turn, it outgrew the context, ...
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            history.pop()  # the session goes on without the turn
             continue
         print()
         history.append({"role": "assistant", "content": answer})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import reprlib
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -118,8 +119,8 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _coerce(option: Option, value, where: str):
     """A config-file value as the flag's type would give it."""
-    wrong = CheckpointError(f"{where}: option '{option.name}' cannot be {value!r}; "
-                            f"{option.help}")
+    wrong = CheckpointError(f"{where}: option '{option.name}' cannot be "
+                            f"{reprlib.repr(value)}; {option.help}")
     if option.type is None:
         if not isinstance(value, bool):
             raise wrong
@@ -130,7 +131,7 @@ def _coerce(option: Option, value, where: str):
         raise wrong
     try:
         value = option.type(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
         raise wrong from None
     if option.choices and value not in option.choices:
         raise CheckpointError(f"{where}: option '{option.name}' is {value!r}; use one of "
@@ -145,11 +146,16 @@ def read_config_file(path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read the config file ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path}: not UTF-8 text ({error.reason} at byte "
+                              f"{error.start})") from None
     if path.suffix.lower() == ".json":
         try:
             raw = json.loads(text)
         except ValueError as error:
             raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: nested too deeply to be a config file") from None
     else:
         try:
             import yaml
@@ -160,6 +166,8 @@ def read_config_file(path) -> dict:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise CheckpointError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: nested too deeply to be a config file") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -190,11 +198,22 @@ def settings(args: argparse.Namespace) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
+# Step counts and sizes reach MLX (the schedule's step, array shapes) as 64-bit integers.
+MAX_COUNT = 2**63 - 1
+
+
 def _check(values: dict) -> None:
     def at_least(name, low):
         if values[name] is not None and values[name] < low:
             raise CheckpointError(f"--{name.replace('_', '-')} must be at least {low}, "
                                   f"got {values[name]}")
+
+    for option in LORA_OPTIONS:
+        value = values[option.name]
+        counts = option.type is int and option.name != "seed"  # a seed's range: check_seed
+        if counts and value is not None and value > MAX_COUNT:
+            raise CheckpointError(f"--{option.name.replace('_', '-')} must be at most 2**63 - 1, "
+                                  f"got {value}")
 
     for name in ("iters", "batch_size", "lora_rank", "grad_accumulation_steps",
                  "steps_per_report", "steps_per_eval", "save_every"):
@@ -205,12 +224,28 @@ def _check(values: dict) -> None:
         if values[name] == 0 or values[name] < -1:
             raise CheckpointError(f"--{name.replace('_', '-')} must be -1 (all) or at least 1, "
                                   f"got {values[name]}")
-    if not values["learning_rate"] > 0:
-        raise CheckpointError(f"--learning-rate must be positive, got {values['learning_rate']}")
-    if values["grad_clip"] is not None and not values["grad_clip"] > 0:
-        raise CheckpointError(f"--grad-clip must be positive, got {values['grad_clip']}")
+    # Written so that NaN, which compares false with everything, is refused too.
+    if not 0 < values["learning_rate"] < math.inf:
+        raise CheckpointError(f"--learning-rate must be positive and finite, got "
+                              f"{values['learning_rate']}")
+    if values["grad_clip"] is not None and not 0 < values["grad_clip"] < math.inf:
+        raise CheckpointError(f"--grad-clip must be positive and finite, got {values['grad_clip']}")
     if not 0 <= values["lora_dropout"] < 1:
         raise CheckpointError(f"--lora-dropout must be in [0, 1), got {values['lora_dropout']}")
+    if not -math.inf < values["lora_scale"] < math.inf:
+        raise CheckpointError(f"--lora-scale must be a finite number, got {values['lora_scale']}")
+    if not 0 <= values["weight_decay"] < math.inf:
+        raise CheckpointError(f"--weight-decay must be >= 0, got {values['weight_decay']}")
+    try:
+        from .sampling import check_seed
+
+        check_seed(values["seed"])
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    folder = Path(values["adapter_path"])
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"--adapter-path {folder}: is a file; it names a folder (made if "
+                              "missing) for the adapters, metrics and checkpoint")
     if values["lora_keys"] is not None:
         from .lora import DEFAULT_TARGETS
 
@@ -272,22 +307,6 @@ def _adapter_config(s: SimpleNamespace, model, spec: str) -> dict:
             "num_layers": count, "model": spec, "dtype": s.dtype}
 
 
-def _check_resumable(folder: Path, adapter_config: dict) -> None:
-    """A checkpoint's adapters must have the shapes this run makes."""
-    from .lora import ADAPTER_CONFIG
-    from .training.trainer import CHECKPOINT_DIR
-
-    path = folder / CHECKPOINT_DIR / ADAPTER_CONFIG
-    if not path.exists():
-        raise CheckpointError(f"{folder / CHECKPOINT_DIR}: no checkpoint to resume from")
-    saved = json.loads(path.read_text())
-    for key in ("fine_tune_type", "rank", "keys", "num_layers"):
-        if saved.get(key) != adapter_config[key]:
-            raise CheckpointError(f"{path}: the checkpoint has {key} {saved.get(key)!r} but this "
-                                  f"run asks for {adapter_config[key]!r}; resume with the same "
-                                  "adapter options")
-
-
 def _training_args(s: SimpleNamespace):
     from .training.trainer import TrainingArgs
 
@@ -313,6 +332,10 @@ def run_lora(args: argparse.Namespace) -> None:
         if wanted and split not in datasets:
             raise CheckpointError(f"{Path(s.data) / (split + '.jsonl')}: not found; "
                                   f"--{split} needs it")
+    if s.train and len(datasets["train"]) < s.batch_size:
+        raise CheckpointError(f"{Path(s.data) / 'train.jsonl'}: {len(datasets['train'])} "
+                              f"examples, fewer than --batch-size {s.batch_size}; add examples "
+                              "or lower --batch-size")
     pad_id = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0
     folder = Path(s.adapter_path)
 
@@ -321,8 +344,6 @@ def run_lora(args: argparse.Namespace) -> None:
             print(f"note: no {Path(s.data) / 'valid.jsonl'}: training without validation",
                   file=sys.stderr)
         adapter_config = _adapter_config(s, model, spec)
-        if s.resume:
-            _check_resumable(folder, adapter_config)
         mx.random.seed(s.seed)  # the adapters' initial values
         try:
             apply_adapters(model, adapter_config)
@@ -385,16 +406,23 @@ def run_fuse(args: argparse.Namespace) -> None:
     from convert.export import export_hf
     from convert.save import save_model
     from convert.sources import open_checkpoint
+    from convert.destination import check_destination
 
     from .compute_dtype import dequantized
     from .loading import load
     from .lora import fuse
 
-    for out in (args.save_path, args.export_hf):
-        if out and Path(out).exists() and not args.force:
-            raise CheckpointError(f"{out}: already exists; choose another path or pass --force")
     recorded = _base_of(args.adapter_path)
     spec = args.model or recorded or _model_spec(None)
+    inputs = [spec, args.adapter_path]
+    # Refused before the fusing: outputs that may not be written, or that would overlap.
+    check_destination(args.save_path, args.force, inputs)
+    if args.export_hf:
+        save, hf = Path(args.save_path).resolve(), Path(args.export_hf).resolve()
+        if hf == save or hf in save.parents or save in hf.parents:
+            raise CheckpointError(f"--export-hf {args.export_hf}: must lie apart from --save-path "
+                                  f"{args.save_path}, neither inside the other")
+        check_destination(args.export_hf, args.force, [*inputs, args.save_path])
     model, _ = load(spec, adapter_path=args.adapter_path)
     fuse(model, dequantize=args.dequantize)
     if args.dequantize and any(".scales" in name for name in _parameter_names(model)):
@@ -405,7 +433,7 @@ def run_fuse(args: argparse.Namespace) -> None:
     readme = (f"# {Path(args.save_path).name}\n\nMLX model folder written by `mlx-mobilellm fuse`: "
               f"`{spec}` with the adapters of `{args.adapter_path}` merged into its weights.\n")
     save_model(model, args.save_path, source_format, base, readme=readme, force=args.force,
-               quiet=args.quiet)
+               sources=inputs, quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {args.save_path}", file=sys.stderr)
     if args.export_hf:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from pathlib import Path
 from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import CheckpointError
+from .input_checks import is_finite_number, is_whole_number, read_json_object
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -112,17 +116,48 @@ def adapter_targets(model, keys: Sequence[str], num_layers: Optional[int]) -> li
     return targets
 
 
+def adapter_settings(config: dict) -> dict:
+    """The config's settings with their defaults, each checked: a bad one would otherwise build
+    adapters that fail later, far from the file or option that set it."""
+    settings = {"fine_tune_type": "lora", "rank": 8, "scale": 20.0, "dropout": 0.0,
+                "keys": None, "num_layers": None}
+    settings.update((name, config[name]) for name in settings if name in config)
+    kind, rank, dropout, keys, layers = (
+        settings[name] for name in ("fine_tune_type", "rank", "dropout", "keys", "num_layers"))
+    rules = {"fine_tune_type": (isinstance(kind, str) and kind in ADAPTER_TYPES,
+                                f"one of {', '.join(ADAPTER_TYPES)}"),
+             "rank": (is_whole_number(rank) and rank >= 1, "a whole number >= 1"),
+             "scale": (is_finite_number(settings["scale"]), "a finite number"),
+             "dropout": (is_finite_number(dropout) and 0 <= dropout < 1, "a number in [0, 1)"),
+             "keys": (keys is None or (isinstance(keys, (list, tuple))
+                                       and all(isinstance(k, str) for k in keys)),
+                      "a list of layer names"),
+             "num_layers": (layers is None or (is_whole_number(layers) and layers >= 1),
+                            "a whole number >= 1")}
+    for name, (good, requirement) in rules.items():
+        if not good:
+            raise ValueError(f"'{name}' must be {requirement}, got {reprlib.repr(settings[name])}")
+    # As a float: MLX cannot multiply by an int beyond 64 bits (std::bad_cast), which JSON allows.
+    return {**settings, "scale": float(settings["scale"]), "dropout": float(dropout)}
+
+
 def apply_adapters(model, config: dict) -> None:
     """Freeze the model and wrap the configured layers in adapters (in place).
     config: {"fine_tune_type": "lora"|"dora", "rank", "scale", "dropout", "keys", "num_layers"}."""
-    kind = ADAPTER_TYPES[config.get("fine_tune_type", "lora")]
-    model.freeze()
-    keys = tuple(config.get("keys") or DEFAULT_TARGETS)
-    replacements = [(path, kind(module, config.get("rank", 8), config.get("scale", 20.0),
-                                config.get("dropout", 0.0)))
-                    for path, module in adapter_targets(model, keys, config.get("num_layers"))]
-    if not replacements:
+    settings = adapter_settings(config)
+    kind, rank = ADAPTER_TYPES[settings["fine_tune_type"]], settings["rank"]
+    keys = tuple(settings["keys"] or DEFAULT_TARGETS)
+    targets = adapter_targets(model, keys, settings["num_layers"])
+    if not targets:
         raise ValueError(f"no linear layer matches the adapter keys {list(keys)}")
+    # A rank at a layer's width already allows any update: more only allocates (without bound).
+    narrowest = min(min(_features(module)) for _, module in targets)
+    if rank > narrowest:
+        raise ValueError(f"'rank' {rank} is above {narrowest}, the width of the narrowest "
+                         f"adapted layer: a rank of {narrowest} already allows any update there")
+    model.freeze()
+    replacements = [(path, kind(module, rank, settings["scale"], settings["dropout"]))
+                    for path, module in targets]
     model.update_modules(tree_unflatten(replacements))
     model.train(model.training)  # new adapters follow the model's mode (eval: no dropout)
 
@@ -143,38 +178,44 @@ def save_adapters(folder, model, config: dict) -> None:
     config_tmp.replace(folder / ADAPTER_CONFIG)
 
 
+def read_safetensors(path: Path) -> dict:
+    """The tensors of a safetensors file, or a CheckpointError that names it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: cannot load: no such file")
+    try:
+        return mx.load(str(path), format="safetensors")
+    except (RuntimeError, ValueError) as error:  # what MLX raises for malformed files
+        raise CheckpointError(f"{path}: cannot load ({' '.join(str(error).split())}); the file "
+                              "is truncated or corrupt") from None
+
+
+def check_tensors(path: Path, found: dict, expected: dict, against: str, advice: str) -> None:
+    """`found` has exactly the tensor names and shapes of `expected` (both name → array): a
+    mismatched file would otherwise load silently and fail later, or leave fresh values in
+    place."""
+    want = {name: tuple(a.shape) for name, a in expected.items()}
+    have = {name: tuple(a.shape) for name, a in found.items()}
+    if have != want:
+        missing, extra = sorted(want.keys() - have), sorted(have.keys() - want)
+        wrong = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+        raise CheckpointError(f"{path}: does not match {against} (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}, wrong shape {wrong[:3]}); {advice}")
+
+
 def load_adapters(model, folder) -> dict:
     """Wrap `model` as the saved adapter config says and load the adapter weights."""
-    from .errors import CheckpointError
-
     folder = Path(folder)
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not found; is this an adapter folder?") from None
-    except ValueError as error:
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not valid JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("fine_tune_type", "lora") not in ADAPTER_TYPES:
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: needs an object whose fine_tune_type "
-                              f"is one of {', '.join(ADAPTER_TYPES)}")
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder}: is a file; adapters are a folder (adapter_config.json "
+                              "and adapters.safetensors, as `mlx-mobilellm lora` writes them)")
+    config = read_json_object(folder / ADAPTER_CONFIG)
     try:
         apply_adapters(model, config)
-    except (TypeError, ValueError) as error:
+    except ValueError as error:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: {error}") from None
-    try:
-        weights = mx.load(str(folder / ADAPTER_WEIGHTS))
-    except Exception as error:
-        raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: cannot load ({error})") from None
-    # Every adapter weight, with the shape the config gives it: a mismatched file would
-    # otherwise load silently and fail later (or leave fresh adapters in place).
-    expected = {name: p.shape for name, p in adapter_weights(model).items()}
-    found = {name: w.shape for name, w in weights.items()}
-    if found != expected:
-        missing, extra = sorted(expected.keys() - found), sorted(found.keys() - expected)
-        wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-        raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: does not match {ADAPTER_CONFIG} "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape "
-                              f"{wrong[:3]}); was it saved with another config or model?")
+    weights = read_safetensors(folder / ADAPTER_WEIGHTS)
+    check_tensors(folder / ADAPTER_WEIGHTS, weights, adapter_weights(model), ADAPTER_CONFIG,
+                  "was it saved with another config or model?")
     model.load_weights(list(weights.items()), strict=False)
     return config
 

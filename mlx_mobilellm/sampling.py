@@ -1,8 +1,10 @@
 """Turning next-token logits into token ids: filters (top-p, top-k, min-p), temperature,
-and logits processors such as the repetition penalty."""
+logits processors such as the repetition penalty, and the seeds of the random generator."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, List, Optional
 
 import mlx.core as mx
@@ -59,10 +61,13 @@ def sample(logits: mx.array, temperature: float = 1.0, top_p: float = 1.0,
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0) -> Sampler:
     """sampler(logits, key) with these settings fixed."""
-    for name, value, low, high in (("temperature", temperature, 0.0, float("inf")),
-                                   ("top_p", top_p, 0.0, 1.0), ("min_p", min_p, 0.0, 1.0)):
-        if not low <= value <= high:
-            raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    # Written so that NaN, which compares false with everything, is refused too.
+    for name, value, allowed, interval in (
+            ("temperature", temperature, 0.0 <= temperature, "[0.0, inf]"),
+            ("top_p", top_p, 0.0 < top_p <= 1.0, "(0.0, 1.0]"),
+            ("min_p", min_p, 0.0 <= min_p <= 1.0, "[0.0, 1.0]")):
+        if not allowed:
+            raise ValueError(f"{name} must be in {interval}, got {value}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
 
@@ -75,8 +80,10 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
 def repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
     """CTRL's penalty over the last context_size tokens: a seen token's logit is divided by
     the penalty when positive and multiplied by it when negative."""
-    if penalty <= 0:
-        raise ValueError(f"repetition penalty must be positive, got {penalty}")
+    if not 0 < penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be a positive number, got {penalty}")
+    if context_size < 1:
+        raise ValueError(f"repetition_context_size must be at least 1, got {context_size}")
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:
@@ -93,6 +100,18 @@ def repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcesso
 
 def make_logits_processors(repetition_penalty_value: Optional[float] = None,
                            repetition_context_size: int = 20) -> List[LogitsProcessor]:
-    if repetition_penalty_value is None or repetition_penalty_value == 1.0:
-        return []
-    return [repetition_penalty(repetition_penalty_value, repetition_context_size)]
+    penalty = 1.0 if repetition_penalty_value is None else repetition_penalty_value
+    processor = repetition_penalty(penalty, repetition_context_size)  # checks both values
+    return [] if penalty == 1.0 else [processor]
+
+
+SEED_LIMIT = 2**64
+
+
+def check_seed(seed) -> int:
+    """A seed as MLX's generator takes it: a whole number in [0, 2**64). (mx.random.seed
+    refuses others with a TypeError that does not say which values it takes.)"""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or \
+            not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
+    return int(seed)

@@ -158,12 +158,12 @@ def test_prompt_from_stdin(capsys, tiny_folder):
 
 @pytest.mark.parametrize("flags, message", [
     (["--temp", "-1"], r"temperature must be in \[0.0, inf\], got -1.0"),
-    (["--top-p", "2"], r"top_p must be in \[0.0, 1.0\], got 2.0"),
+    (["--top-p", "2"], r"top_p must be in \(0.0, 1.0\], got 2.0"),
     (["--min-p", "1.5"], r"min_p must be in"),
     (["--top-k", "-3"], r"top_k must be >= 0"),
     (["--max-tokens", "0"], r"--max-tokens must be at least 1, got 0"),
     (["--max-kv-size", "2"], r"--max-kv-size must be at least 8"),
-    (["--num-draft-tokens", "0"], r"--num-draft-tokens must be at least 1"),
+    (["--num-draft-tokens", "0"], r"--num-draft-tokens must be in \[1, 32\], got 0"),
 ], ids=["temp", "top-p", "min-p", "top-k", "max-tokens", "max-kv-size", "num-draft-tokens"])
 def test_bad_flag_values_are_one_error_line(capsys, tiny_folder, flags, message):
     status, out, err = cli(capsys, "generate", "--model", tiny_folder, "--prompt", "hi", *flags)

@@ -17,8 +17,10 @@ from typing import Iterator, List
 
 import mlx.core as mx
 
+from ..chat_template import ChatTemplateError
 from ..errors import CheckpointError
 from ..models.mobilellm import IGNORE_INDEX
+from ..input_checks import check_text
 
 SPLITS = ("train", "valid", "test")
 
@@ -48,6 +50,8 @@ def encode_example(record: dict, tokenizer, mask_prompt: bool, where: str) -> Ex
                     and isinstance(message.get("content"), str)):
                 raise CheckpointError(f"{where}: messages[{number}] must be an object with "
                                       "string 'role' and 'content'")
+            for field in ("role", "content"):
+                check_text(message[field], f"{where}: messages[{number}].{field}")
         tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
         last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"),
                              default=None)
@@ -59,6 +63,8 @@ def encode_example(record: dict, tokenizer, mask_prompt: bool, where: str) -> Ex
         prompt_text, completion = record["prompt"], record["completion"]
         if not isinstance(prompt_text, str) or not isinstance(completion, str):
             raise CheckpointError(f"{where}: 'prompt' and 'completion' must be strings")
+        check_text(prompt_text, f"{where}: 'prompt'")
+        check_text(completion, f"{where}: 'completion'")
         if tokenizer.chat_template:
             messages = [{"role": "user", "content": prompt_text},
                         {"role": "assistant", "content": completion}]
@@ -71,6 +77,7 @@ def encode_example(record: dict, tokenizer, mask_prompt: bool, where: str) -> Ex
     if "text" in record:
         if not isinstance(record["text"], str):
             raise CheckpointError(f"{where}: 'text' must be a string")
+        check_text(record["text"], f"{where}: 'text'")
         if mask_prompt:
             raise CheckpointError(f"{where}: --mask-prompt needs prompt/completion or messages "
                                   "lines, not text")
@@ -92,7 +99,12 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
                 record = json.loads(line.decode("utf-8"))
             except ValueError as error:  # UnicodeDecodeError is a ValueError too
                 raise CheckpointError(f"{where}: not valid JSON ({error})") from None
-            example = encode_example(record, tokenizer, mask_prompt, where)
+            except RecursionError:
+                raise CheckpointError(f"{where}: nested too deeply to be an example") from None
+            try:
+                example = encode_example(record, tokenizer, mask_prompt, where)
+            except ChatTemplateError as error:  # the template's refusal, said of its line
+                raise CheckpointError(f"{where}: {error}") from None
             if len(example.tokens) > max_seq_length:
                 truncated += 1
                 example.tokens = example.tokens[:max_seq_length]
@@ -101,6 +113,8 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
                 raise CheckpointError(f"{where}: nothing left to learn after the prompt within "
                                       f"--max-seq-length {max_seq_length}")
             examples.append(example)
+    if not examples:
+        raise CheckpointError(f"{path}: has no examples; add some, or remove the file")
     if truncated:
         print(f"warning: {truncated} of {len(examples)} examples in {path} were longer than "
               f"--max-seq-length {max_seq_length} and were truncated", file=sys.stderr)

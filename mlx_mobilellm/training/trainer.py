@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import shutil
 import sys
 import time
@@ -18,11 +19,18 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import CheckpointError
-from ..lora import LoRALinear, save_adapters
+from ..input_checks import is_finite_number, is_whole_number, read_json_object
+from ..lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, adapter_weights, check_tensors,
+                    read_safetensors, save_adapters)
+from ..sampling import SEED_LIMIT, check_seed
 from .data import iterate_batches
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
+OPTIMIZER_STATE = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+# The adapter options a checkpoint's adapters are shaped by: a resumed run must ask for the same.
+ADAPTER_SHAPE_OPTIONS = ("fine_tune_type", "rank", "keys", "num_layers")
 
 
 @dataclass
@@ -101,8 +109,8 @@ def _save_checkpoint(folder: Path, model, optimizer, step: int, adapter_config: 
     temporary = folder / f".{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     save_adapters(temporary, model, adapter_config)
-    mx.save_safetensors(str(temporary / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (temporary / "trainer_state.json").write_text(json.dumps({"step": step, **(window or {})}) + "\n")
+    mx.save_safetensors(str(temporary / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
+    (temporary / TRAINER_STATE).write_text(json.dumps({"step": step, **(window or {})}) + "\n")
     final = folder / CHECKPOINT_DIR
     previous = folder / f".{CHECKPOINT_DIR}.old"
     if final.exists():
@@ -111,14 +119,49 @@ def _save_checkpoint(folder: Path, model, optimizer, step: int, adapter_config: 
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _resume(folder: Path, model, optimizer) -> dict:
+def _resume(folder: Path, model, optimizer, adapter_config: dict, iters: int) -> dict:
+    """Restore the adapters and optimizer of the checkpoint in `folder` and return its trainer
+    state. Every file is read and checked before anything is restored."""
     checkpoint = folder / CHECKPOINT_DIR
-    if not (checkpoint / "trainer_state.json").exists():
+    if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: no checkpoint to resume from")
-    model.load_weights(str(checkpoint / "adapters.safetensors"), strict=False)
-    state = mx.load(str(checkpoint / "optimizer.safetensors"))
-    optimizer.state = tree_unflatten(list(state.items()))
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    saved_config = read_json_object(checkpoint / ADAPTER_CONFIG)
+    for key in ADAPTER_SHAPE_OPTIONS:
+        if saved_config.get(key) != adapter_config.get(key):
+            raise CheckpointError(f"{checkpoint / ADAPTER_CONFIG}: the checkpoint has {key} "
+                                  f"{saved_config.get(key)!r} but this run asks for "
+                                  f"{adapter_config.get(key)!r}; resume with the same adapter "
+                                  "options")
+    state = _trainer_state(checkpoint / TRAINER_STATE, iters)
+    adapters = read_safetensors(checkpoint / ADAPTER_WEIGHTS)
+    check_tensors(checkpoint / ADAPTER_WEIGHTS, adapters, adapter_weights(model), "the adapters "
+                  "of this run", "was the checkpoint written by another version or edited?")
+    optimizer_state = read_safetensors(checkpoint / OPTIMIZER_STATE)
+    check_tensors(checkpoint / OPTIMIZER_STATE, optimizer_state,
+                  dict(tree_flatten(optimizer.state)), "this run's optimizer state",
+                  "resume with the optimizer it was saved with")
+    model.load_weights(list(adapters.items()), strict=False)
+    optimizer.state = tree_unflatten(list(optimizer_state.items()))
+    return state
+
+
+def _trainer_state(path: Path, iters: int) -> dict:
+    """trainer_state.json: the step, and the loss-report window in progress (optional)."""
+    state = read_json_object(path)
+    counts = {"step": state.get("step"), "window_steps": state.get("window_steps", 0),
+              "window_tokens": state.get("window_tokens", 0)}
+    for name, value in counts.items():
+        if not is_whole_number(value) or value < 0:
+            raise CheckpointError(f"{path}: '{name}' must be a whole number >= 0, got "
+                                  f"{reprlib.repr(value)}")
+    loss = state.get("window_loss", 0.0)
+    if not is_finite_number(loss):
+        raise CheckpointError(f"{path}: 'window_loss' must be a finite number, got "
+                              f"{reprlib.repr(loss)}")
+    if counts["step"] > iters:
+        raise CheckpointError(f"{path}: the checkpoint is at step {counts['step']}, beyond iters "
+                              f"({iters}); resume with iters of at least {counts['step']}")
+    return {**counts, "window_loss": float(loss)}
 
 
 def _truncate_metrics(folder: Path, step: int) -> None:
@@ -157,13 +200,13 @@ def train(model, datasets: dict, args: TrainingArgs, adapter_path, adapter_confi
     adapter_path at every checkpoint and at the end."""
     folder = Path(adapter_path)
     folder.mkdir(parents=True, exist_ok=True)
-    mx.random.seed(args.seed)
+    mx.random.seed(check_seed(args.seed))
     if args.grad_checkpoint:
         model.enable_gradient_checkpointing()
     model.train()
     optimizer = make_optimizer(args)
     optimizer.init(model.trainable_parameters())
-    state = _resume(folder, model, optimizer) if resume else {"step": 0}
+    state = _resume(folder, model, optimizer, adapter_config, args.iters) if resume else {"step": 0}
     start = state["step"]
     if resume:
         _truncate_metrics(folder, start)
@@ -191,7 +234,8 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
         time.perf_counter())
     last, saved_step = {}, (start or None)
     for step in range(start + 1, args.iters + 1):
-        mx.random.seed(args.seed * 100_003 + step)  # dropout masks independent of resuming
+        # Dropout masks independent of resuming; wrapped into the 64 bits MLX's seed takes.
+        mx.random.seed((args.seed * 100_003 + step) % SEED_LIMIT)
         grads, step_loss = None, 0.0
         for _ in range(args.grad_accumulation_steps):
             inputs, labels = next(micro_batches)
@@ -244,8 +288,23 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
 
 
 def read_metrics(folder) -> list:
+    """The records of metrics.jsonl (none when there is no file), each an object with a step."""
     path = Path(folder) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise CheckpointError(f"{path}:{number}: not a metrics record (a JSON object with a "
+                                  "step); delete the line, or the file to start the log afresh")
+        records.append(record)
+    return records
 
 
 def plot_loss_curve(folder) -> Optional[Path]:
