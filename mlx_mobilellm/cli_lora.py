@@ -242,6 +242,8 @@ def _check(values: dict) -> None:
         check_seed(values["seed"])
     except ValueError as error:
         raise CheckpointError(str(error)) from None
+    if not values["adapter_path"]:  # Path("") is the current directory
+        raise CheckpointError("--adapter-path is empty; name the folder for the adapters")
     folder = Path(values["adapter_path"])
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"--adapter-path {folder}: is a file; it names a folder (made if "

@@ -403,7 +403,10 @@ def test_corrupt_metrics_file_on_resume(capsys, tiny_folder, data, checkpointed,
     (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
     # Found by the fuzz tests: MLX's schedule raised std::bad_cast on a step past 64 bits.
     (["--warmup", str(2**63)], f"--warmup must be at most 2**63 - 1, got {2**63}"),
-], ids=["seed-negative", "seed-2**64", "scale", "learning-rate", "weight-decay", "warmup-2**63"])
+    # Found by the fuzz tests: "" is the current directory, which got the adapter files.
+    (["--adapter-path", ""], "--adapter-path is empty"),
+], ids=["seed-negative", "seed-2**64", "scale", "learning-rate", "weight-decay", "warmup-2**63",
+        "adapter-path-empty"])
 def test_lora_flag_values_out_of_range(capsys, tiny_folder, data, tmp_path, flags, message):
     line = refused(capsys, "lora", "--model", tiny_folder, "--train", "--data", data,
                    "--adapter-path", tmp_path / "adapters", "--iters", 1, *FAST, *flags)
