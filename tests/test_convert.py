@@ -287,9 +287,11 @@ def gguf_tensor_name(hf_name: str) -> str:
     return f"{gguf_module}.weight"
 
 
-def write_gguf(path: Path, hf, tensor_type: Callable[[str], "Q"]) -> Path:
+def write_gguf(path: Path, hf, tensor_type: Callable[[str], "Q"],
+               edit_metadata: Optional[Callable[[gguf.GGUFWriter], None]] = None) -> Path:
     """A llama GGUF of a transformers LlamaForCausalLM; tensor_type(gguf name) picks each
-    matrix's type (vectors stay F32), quantized with the gguf package's reference code."""
+    matrix's type (vectors stay F32), quantized with the gguf package's reference code.
+    edit_metadata(writer) may change the metadata before it is written."""
     c = hf.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(c.num_hidden_layers)
@@ -321,6 +323,8 @@ def write_gguf(path: Path, hf, tensor_type: Callable[[str], "Q"]) -> Path:
         kind = tensor_type(name) if array.ndim == 2 else Q.F32
         writer.add_tensor(name, array if kind == Q.F32 else gguf.quants.quantize(array, kind),
                           raw_dtype=kind)
+    if edit_metadata is not None:
+        edit_metadata(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -545,10 +549,9 @@ def test_small_max_shard_bytes_writes_shards_and_index(float_source, tmp_path):
 
 def test_force_replaces_an_existing_folder(float_source, tmp_path):
     out = tmp_path / "mlx"
-    out.mkdir()
-    (out / "stale.txt").write_text("from before")
+    run_convert("cli", float_source.path, out, dtype="float16")
     run_convert("cli", float_source.path, out, force=True)
-    assert not (out / "stale.txt").exists()
+    assert float_dtypes(saved_tensors(out)) == {mx.float32}
     check_folder(out, "llama4_text", tokenizer_folder=float_source.path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlx"]
 

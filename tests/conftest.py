@@ -1,0 +1,27 @@
+"""Hypothesis profiles for the fuzz tests (tests/test_fuzz_*.py), and their worker process.
+
+  ci         (default) a bounded number of examples per test, so that CI stays fast
+  fuzz-long  HYPOTHESIS_PROFILE=fuzz-long python -m pytest tests/test_fuzz_*.py
+             --hypothesis-show-statistics: a longer search
+Neither keeps a database of failing examples in the tree (a failure prints its example).
+"""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Each example runs in the worker process, whose own timeout tells a hang: no Hypothesis deadline.
+_COMMON = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=30, **_COMMON)
+settings.register_profile("fuzz-long", max_examples=1000, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def worker():
+    from fuzz_support import Worker
+
+    process = Worker()
+    yield process
+    process.stop()
