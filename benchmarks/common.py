@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from convert.names import from_ours
+from mlx_mobilellm.formats.names import from_ours
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig
 
 

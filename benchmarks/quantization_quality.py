@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten
 
 import mlx_mobilellm
 from convert.convert import convert
-from mlx_mobilellm.model_folder import CONFIG_FILE, folder_config, write_json
+from mlx_mobilellm.formats.model_folder import CONFIG_FILE, folder_config, write_json
 
 # (bits, group size). 4-bit with groups of 32 has the GGUF's own group boundaries, but does not
 # recover its Q4_1 grid: MLX's affine quantizer keeps 0 exactly representable, Q4_1 does not, so

@@ -8,14 +8,14 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_mobilellm.errors import CheckpointError
+from mlx_mobilellm.errors import ParameterError
+from mlx_mobilellm.formats.model_folder import folder_config
+from mlx_mobilellm.formats.sources import Checkpoint, open_checkpoint
 from mlx_mobilellm.loading import DTYPES
-from mlx_mobilellm.model_folder import folder_config
 from mlx_mobilellm.models.mobilellm import MobileLLM
 
 from .destination import check_destination
 from .progress import progress
-from .sources import Checkpoint, open_checkpoint
 from .writer import MAX_SHARD_BYTES, write_model_folder
 
 Q_BITS = (2, 3, 4, 6, 8)
@@ -37,9 +37,10 @@ def _check_group_size(checkpoint: Checkpoint, q_group_size: int) -> None:
     if odd:
         width = checkpoint.weights[odd[0]].shape[-1]
         fits = [g for g in Q_GROUP_SIZES if all(checkpoint.weights[n].shape[-1] % g == 0 for n in names)]
-        raise CheckpointError(
-            f"--q-group-size {q_group_size} does not divide the width {width} of '{odd[0]}' "
-            f"({len(odd)} layer(s) in all); use --q-group-size {' or '.join(map(str, fits)) or '?'}")
+        raise ParameterError(lambda name: (
+            f"{name('q_group_size')} {q_group_size} does not divide the width {width} of "
+            f"'{odd[0]}' ({len(odd)} layer(s) in all); use {name('q_group_size')} "
+            f"{' or '.join(map(str, fits)) or '?'}"))
 
 
 def _tensor_converter(checkpoint: Checkpoint, dtype: Optional[str], q_bits: Optional[int],
@@ -77,17 +78,19 @@ def _model_card(checkpoint: Checkpoint, dtype, quantization) -> str:
 def convert(source, mlx_path, *, source_format: Optional[str] = None, dtype: Optional[str] = None,
             quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, force: bool = False,
             quiet: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Convert `source` (see convert.sources) into the MLX model folder `mlx_path`."""
+    """Convert `source` (see mlx_mobilellm.formats.sources) into the MLX model folder `mlx_path`."""
     if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ParameterError(lambda name: f"{name('dtype')} {dtype!r} is not one of "
+                                          f"{', '.join(DTYPES)}")
     if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
-        raise CheckpointError(f"--q-bits must be one of {Q_BITS} and --q-group-size one of "
-                              f"{Q_GROUP_SIZES}; got {q_bits} and {q_group_size}")
+        raise ParameterError(lambda name: (
+            f"{name('q_bits')} must be one of {Q_BITS} and {name('q_group_size')} one of "
+            f"{Q_GROUP_SIZES}; got {q_bits} and {q_group_size}"))
     check_destination(mlx_path, force, [source])  # before the (long) reading
     checkpoint = open_checkpoint(source, source_format, quiet)
     if quantize and checkpoint.quantization:
-        raise CheckpointError(f"{checkpoint.origin}: is already quantized; convert it without -q "
-                              "(or from a float checkpoint)")
+        raise ParameterError(lambda name: f"{checkpoint.origin}: is already quantized; convert it "
+                                          f"without {name('quantize')} (or from a float checkpoint)")
     checkpoint.validate()
     if quantize:
         _check_group_size(checkpoint, q_group_size)

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.model_folder import CONFIG_FILE, INDEX_FILE, TOKENIZER_FILES, is_model_folder
+from mlx_mobilellm.errors import CheckpointError, ParameterError
+from mlx_mobilellm.formats.model_folder import (CONFIG_FILE, INDEX_FILE, TOKENIZER_FILES,
+                                                is_model_folder)
 
 PRODUCER = "mlx-mobilellm"
 """The "producer" of every safetensors shard we write: what tells --force a folder is ours."""
@@ -123,8 +124,8 @@ def check_destination(destination, force: bool, sources: Iterable = (),
         return target
     protected = _protected(target, sources)
     if protected:
-        raise CheckpointError(f"{path}: {protected}, which --force never replaces; "
-                              "choose another path")
+        raise ParameterError(lambda name: f"{path}: {protected}, which {name('force')} never "
+                                          "replaces; choose another path")
     if folder and not target.is_dir():
         raise CheckpointError(f"{path}: is a file, not a folder; choose another path")
     if not folder and target.is_dir():
@@ -132,10 +133,11 @@ def check_destination(destination, force: bool, sources: Iterable = (),
     reason = _not_our_folder(target) if folder else _not_our_file(target)
     if reason:
         ours = "model folders this tool wrote" if folder else "GGUF files"
-        raise CheckpointError(f"{path}: {reason}; --force replaces only {ours}: remove it "
-                              "yourself or choose another path")
+        raise ParameterError(lambda name: f"{path}: {reason}; {name('force')} replaces only "
+                                          f"{ours}: remove it yourself or choose another path")
     if not force:
-        raise CheckpointError(f"{path}: already exists; choose another path or pass --force")
+        raise ParameterError(lambda name: f"{path}: already exists; choose another path or pass "
+                                          f"{name('force')}")
     return target
 
 

@@ -1,13 +1,13 @@
 """An MLX model folder → a Hugging Face safetensors folder, in the checkpoint's own format.
 
 What export gives back:
-  - tensors under the format's names (convert.names), in the stored dtype or `dtype`;
+  - tensors under the format's names (mlx_mobilellm.formats.names), in the stored dtype or `dtype`;
     quantized layers dequantized into the float weights our quantized model computes with
     (exactly in float32; by default cast to the model's dtype), so the result runs in
     transformers, vLLM, llama.cpp's converter;
   - Q/K rows in the layout the format stores (see `restore_rope_layout`);
-  - config.json in the format's own spelling (convert.hf_config.config_to_hf);
-  - the tokenizer files the folder holds.
+  - config.json in the format's own spelling (mlx_mobilellm.formats.hf_config.config_to_hf);
+  - the tokenizer files the folder holds (or, for a GGUF, rebuilt from its metadata).
 Formats: llama4_text (MobileLLM-R1, Llama4ForCausalLM), llama (LlamaForCausalLM), mobilellm
 (original MobileLLM; its modeling code is not shipped), cheapertraining (our names beside a
 MobileLLMConfig config.json, as CheaperTraining saves them).
@@ -15,23 +15,23 @@ MobileLLMConfig config.json, as CheaperTraining saves them).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import mlx.core as mx
 
-from mlx_mobilellm.errors import CheckpointError
+from mlx_mobilellm.errors import ParameterError
+from mlx_mobilellm.formats.hf_config import SUPPORTED_MODEL_TYPES, config_to_hf
+from mlx_mobilellm.formats.model_folder import CONFIG_FILE, write_json
+from mlx_mobilellm.formats.names import from_ours
+from mlx_mobilellm.formats.sources import Checkpoint, open_checkpoint
 from mlx_mobilellm.loading import DTYPES
-from mlx_mobilellm.model_folder import CONFIG_FILE, TOKENIZER_FILES, write_json
 from mlx_mobilellm.models.config import MobileLLMConfig
+from mlx_mobilellm.quantization import dequantize
 
 from .destination import atomic_output, check_destination
-from .hf_config import SUPPORTED_MODEL_TYPES, config_to_hf
-from .names import from_ours
 from .progress import progress
-from .sources import Checkpoint, open_checkpoint
-from .writer import MAX_SHARD_BYTES, ShardWriter
+from .writer import MAX_SHARD_BYTES, ShardWriter, copy_tokenizer_files
 
 EXPORT_FORMATS = SUPPORTED_MODEL_TYPES + ("cheapertraining",)
 # Whether each format stores Q/K rows for interleaved-pair RoPE (True) or rotate-half (False).
@@ -78,16 +78,6 @@ def restore_rope_layout(name: str, array: mx.array, config: MobileLLMConfig,
 
 # --- weights ------------------------------------------------------------------------------
 
-def dequantize(weight: mx.array, scales: mx.array, biases, params: dict) -> mx.array:
-    """The float weight a quantized layer computes with, in float32. Exact: a b-bit integer
-    times a 16-bit scale plus a 16-bit bias fits float32's 24-bit mantissa (in float16 or
-    bfloat16 the product would be rounded)."""
-    return mx.dequantize(weight, scales.astype(mx.float32),
-                         None if biases is None else biases.astype(mx.float32),
-                         group_size=params["group_size"], bits=params["bits"],
-                         mode=params.get("mode", "affine"))
-
-
 def float_weights(checkpoint: Checkpoint, exact: bool = False) -> Iterator[Tuple[str, mx.array]]:
     """(our name, float array) for every parameter, lazily. Quantized layers come back as
     the float weight they stand for (with that layer's own bits and group size): in float32
@@ -100,11 +90,10 @@ def float_weights(checkpoint: Checkpoint, exact: bool = False) -> Iterator[Tuple
         if leaf in ("scales", "biases"):
             continue  # folded into the module's weight below
         if leaf == "weight" and f"{module}.scales" in weights:
-            scales = weights[f"{module}.scales"]
-            array = dequantize(array, scales, weights.get(f"{module}.biases"),
-                               {**default, **quantization.get(module, {})})
-            if not exact:
-                array = array.astype(scales.dtype)
+            params = {**default, **quantization.get(module, {})}
+            array = dequantize(array, weights[f"{module}.scales"], weights.get(f"{module}.biases"),
+                               params["group_size"], params["bits"], params.get("mode", "affine"),
+                               exact)
         yield name, array
 
 
@@ -142,16 +131,6 @@ def target_name(name: str, fmt: str) -> str:
     return name if fmt == "cheapertraining" else from_ours(name, fmt)
 
 
-def copy_tokenizer(checkpoint: Checkpoint, folder: Path) -> list:
-    copied = []
-    if checkpoint.folder is not None:
-        for name in TOKENIZER_FILES:
-            if (checkpoint.folder / name).is_file():
-                shutil.copyfile(checkpoint.folder / name, folder / name)
-                copied.append(name)
-    return copied
-
-
 def export_hf(mlx_path, hf_path, *, model_type: Optional[str] = None, dtype: Optional[str] = None,
               force: bool = False, quiet: bool = False,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
@@ -168,10 +147,11 @@ def export_hf(mlx_path, hf_path, *, model_type: Optional[str] = None, dtype: Opt
     only as destination.check_destination allows.
     """
     if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ParameterError(lambda name: f"{name('dtype')} {dtype!r} is not one of "
+                                          f"{', '.join(DTYPES)}")
     if model_type is not None and model_type not in EXPORT_FORMATS:
-        raise CheckpointError(f"model type {model_type!r} cannot be exported; "
-                              f"supported: {', '.join(EXPORT_FORMATS)}")
+        raise ParameterError(lambda name: f"{name('model_type')} {model_type!r} cannot be "
+                                          f"exported; supported: {', '.join(EXPORT_FORMATS)}")
     hf_path = Path(hf_path)
     check_destination(hf_path, force, [mlx_path])  # before the (long) reading
     checkpoint = open_checkpoint(mlx_path, quiet=quiet)
@@ -195,5 +175,5 @@ def export_hf(mlx_path, hf_path, *, model_type: Optional[str] = None, dtype: Opt
             writer.add(target_name(name, fmt), array)
         writer.close()
         write_json(folder / CONFIG_FILE, hf_config)
-        copy_tokenizer(checkpoint, folder)
+        copy_tokenizer_files(checkpoint, folder)
     return hf_path

@@ -30,14 +30,15 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_mobilellm.errors import CheckpointError
+from mlx_mobilellm.formats.hf_config import plain_attention_gaps
+from mlx_mobilellm.formats.names import from_ours
+from mlx_mobilellm.formats.sources import Checkpoint, open_checkpoint
 from mlx_mobilellm.input_checks import read_json_object
 from mlx_mobilellm.models.config import MobileLLMConfig
 
-from .export import STORES_INTERLEAVED, float_weights, restore_rope_layout
-from .names import from_ours
-from .progress import progress
-from .sources import Checkpoint, open_checkpoint
 from .destination import atomic_output, check_destination
+from .export import STORES_INTERLEAVED, float_weights, restore_rope_layout
+from .progress import progress
 
 ARCHITECTURE = "llama"
 
@@ -49,21 +50,16 @@ def rope_scaling_kind(config: MobileLLMConfig) -> str:
 
 
 def check_expressible(config: MobileLLMConfig, where: str) -> None:
-    def refuse(what: str) -> None:
-        raise CheckpointError(f"{where}: cannot export to GGUF (llama architecture): {what}; "
-                              "export to Hugging Face safetensors instead (export_hf)")
-
-    if config.use_qk_norm:
-        refuse("the model uses QK-norm (MobileLLM-R1 does), which llama.cpp's llama has no field for")
-    if config.nope_layers:
-        refuse(f"layers {config.nope_layers} are NoPE (no RoPE)")
-    if config.attention_chunk_size is not None and config.attention_chunk_size < config.max_seq_len:
-        refuse(f"RoPE layers attend in chunks of {config.attention_chunk_size} tokens")
+    gaps = plain_attention_gaps(config)
     if config.layer_sharing:
-        refuse("every block runs twice in a row (layer_sharing)")
+        gaps.append("every block runs twice in a row (layer_sharing)")
     kind = rope_scaling_kind(config)
     if kind not in ("default", "linear"):
-        refuse(f"RoPE scaling {kind!r} is not written (only linear scaling is)")
+        gaps.append(f"RoPE scaling {kind!r} is not written (only linear scaling is)")
+    if gaps:
+        raise CheckpointError(f"{where}: cannot export to GGUF (llama architecture): {gaps[0]}, "
+                              "which llama.cpp's llama cannot express; export to Hugging Face "
+                              "safetensors instead (export_hf)")
 
 
 def write_hyperparameters(writer, config: MobileLLMConfig) -> None:

@@ -6,24 +6,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_mobilellm.model_folder import folder_config
+from mlx_mobilellm.formats.model_folder import folder_config
 from mlx_mobilellm.models.mobilellm import MobileLLM
+from mlx_mobilellm.quantization import QUANTIZED_LAYERS
 
 from .progress import progress
 from .writer import MAX_SHARD_BYTES, write_model_folder
 
-_QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 def model_quantization(model: MobileLLM) -> Optional[dict]:
     """config.json's quantization block for the model's quantized layers: the most common
     (group_size, bits, mode) as the default, and an override for each layer that differs
-    (see mlx_mobilellm.model_folder.quantize_like, which reads it back). None if none is."""
+    (see mlx_mobilellm.formats.model_folder.quantize_like, which reads it back). None if none is."""
     layers = {path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
-              for path, m in model.named_modules() if isinstance(m, _QUANTIZED)}
+              for path, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
     if not layers:
         return None
     common = Counter(tuple(p.items()) for p in layers.values()).most_common(1)[0][0]
@@ -36,7 +35,7 @@ def save_model(model: MobileLLM, mlx_path, source_format: Optional[str], tokeniz
                *, readme: str = "", force: bool = False, sources: Iterable = (),
                quiet: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model`'s parameters, config (recording `source_format`, the format export writes
-    back by default) and the tokenizer files of `tokenizer_source` (a convert.sources.Checkpoint,
+    back by default) and the tokenizer files of `tokenizer_source` (a mlx_mobilellm.formats.sources.Checkpoint,
     or None) as an MLX model folder that mlx_mobilellm.load reads back. `sources`: the paths
     it came from, which even `force` never replaces (see convert.destination.check_destination)."""
     weights = tree_flatten(model.parameters())

@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Tuple
 import mlx.core as mx
 
 from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.model_folder import CONFIG_FILE, INDEX_FILE, TOKENIZER_FILES, write_json
+from mlx_mobilellm.formats.model_folder import CONFIG_FILE, INDEX_FILE, TOKENIZER_FILES, write_json
 
 from .destination import PRODUCER, atomic_output
 
@@ -80,7 +80,7 @@ def copy_tokenizer_files(checkpoint, folder: Path) -> None:
             if (checkpoint.folder / name).exists():
                 shutil.copyfile(checkpoint.folder / name, folder / name)
     elif checkpoint.gguf_metadata is not None:
-        from .gguf_tokenizer import write_tokenizer_files
+        from mlx_mobilellm.formats.gguf_tokenizer import write_tokenizer_files
 
         write_tokenizer_files(checkpoint.gguf_metadata, folder)
 
@@ -88,9 +88,9 @@ def copy_tokenizer_files(checkpoint, folder: Path) -> None:
 def write_model_folder(mlx_path, tensors: Iterable[Tuple[str, mx.array]], config: dict,
                        tokenizer_source, readme: str, *, force: bool = False,
                        sources: Iterable = (), max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """An MLX model folder (see mlx_mobilellm.model_folder) at `mlx_path`: the (name, array)
+    """An MLX model folder (see mlx_mobilellm.formats.model_folder) at `mlx_path`: the (name, array)
     pairs in shards, `config` as config.json, the tokenizer files of `tokenizer_source` (a
-    convert.sources.Checkpoint, or None) and `readme` as README.md; written atomically, an
+    mlx_mobilellm.formats.sources.Checkpoint, or None) and `readme` as README.md; written atomically, an
     existing folder replaced only as check_destination allows (`sources`: the inputs)."""
     mlx_path = Path(mlx_path)
     with atomic_output(mlx_path, force, sources) as folder:

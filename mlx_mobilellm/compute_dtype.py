@@ -6,19 +6,22 @@ plain loops, while float32 goes through BLAS — so there float32 is faster *whe
 with OpenBLAS preloaded, prefill ran 4.6-15x and decode 1.3-1.6x faster in float32 (see
 benchmarks/generate.py), but the reference BLAS bundled in Linux's mlx-cpu wheel (~6 GFLOP/s)
 made the demo model slower in float32 than in 4-bit. So the choice is measured: a small
-float32 matmul, timed once per process.
+float32 matmul, timed once per process. mlx_mobilellm loads a system OpenBLAS by itself when
+there is one (mlx_mobilellm/blas.py); when there is none, slow_blas_note() says how to get it.
 """
 
 from __future__ import annotations
 
 import time
 from functools import lru_cache
+from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .blas import INSTALL_HINT
 from .models.mobilellm import MobileLLM
+from .quantization import QUANTIZED_LAYERS, layer_weight
 
 
 # A float32 GEMM faster than this means an optimised BLAS (OpenBLAS, Accelerate: 100+);
@@ -44,12 +47,8 @@ def float32_gflops() -> float:
 
 def dequantized(model: MobileLLM) -> MobileLLM:
     """A float32 copy of `model` with every quantized layer dequantized."""
-    weights = {}
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            weights[f"{path}.weight"] = mx.dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits,
-                mode=module.mode)
+    weights = {f"{path}.weight": layer_weight(module) for path, module in model.named_modules()
+               if isinstance(module, QUANTIZED_LAYERS)}
     for name, array in tree_flatten(model.parameters()):
         module_path, leaf = name.rsplit(".", 1)
         if f"{module_path}.weight" in weights and leaf in ("weight", "scales", "biases"):
@@ -70,3 +69,13 @@ def for_fast_compute(model: MobileLLM) -> MobileLLM:
     if all(p.dtype == mx.float32 for _, p in params):
         return model
     return dequantized(model)
+
+
+def slow_blas_note() -> Optional[str]:
+    """One line for the user when MLX computes on the CPU with a slow reference BLAS (Linux's
+    mlx[cpu] wheel, with no system OpenBLAS found), else None."""
+    if not on_cpu() or float32_gflops() >= FAST_BLAS_GFLOPS:
+        return None
+    return (f"note: MLX's CPU backend runs on a slow reference BLAS here ({float32_gflops():.0f} "
+            f"GFLOP/s); `{INSTALL_HINT}` makes it tens of times faster, and mlx-mobilellm loads "
+            "it by itself")

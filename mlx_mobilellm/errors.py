@@ -1,4 +1,6 @@
-"""The error type for bad user input (files, tensors, config fields)."""
+"""The error types for bad user input (files, tensors, config fields, parameters)."""
+
+from typing import Callable
 
 
 def _printable(text: str) -> str:
@@ -13,3 +15,16 @@ class CheckpointError(ValueError):
 
     def __init__(self, message: str = "", *args):
         super().__init__(_printable(str(message)), *args)
+
+
+class ParameterError(CheckpointError):
+    """Bad input through a parameter of a library function. `describe(name)` writes the message,
+    calling name(parameter) wherever it names one: the library's message names the parameters
+    (`q_group_size`), the command line's their flags (`--q-group-size`)."""
+
+    def __init__(self, describe: Callable[[Callable[[str], str]], str]):
+        self.describe = describe
+        super().__init__(describe(lambda parameter: parameter))
+
+    def naming(self, name: Callable[[str], str]) -> str:
+        return _printable(self.describe(name))

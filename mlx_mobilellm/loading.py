@@ -2,105 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
-from .errors import CheckpointError
-from .model_folder import quantize_like
+from .errors import ParameterError
+from .compute_dtype import for_fast_compute
+from .formats.model_folder import quantize_like
+from .formats.validation import check_weights, same_name
 from .models.config import MobileLLMConfig
 from .models.mobilellm import MobileLLM
 from .tokenizer import (Tokenizer, check_fits_model, read_tokenizer_files, tokenizer_from_files,
                         tokenizer_from_gguf_metadata)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_LAYER_INDEX = re.compile(r"decoder\.layers\.(\d+)\.")
-
-
-def _same_name(name: str) -> str:
-    return name
-
-
-def _refuse_missing(missing: list, where: str) -> None:
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{more}")
-
-
-def check_layer_count(count, weights: dict, where: str, field: str) -> None:
-    """A config may not claim more layers than the tensors hold. The model is built before
-    its weights are compared with it, and a claim of a million layers would build for hours."""
-    held = len({match[1] for match in map(_LAYER_INDEX.match, weights) if match})
-    if isinstance(count, int) and count > held:
-        raise CheckpointError(f"{where}: {field} is {count}, but the weights hold {held} "
-                              "layer(s); the config does not match the weights")
-
-
-def check_sizes(config: MobileLLMConfig, weights: dict, where: str,
-                source_name: Callable[[str], str] = _same_name,
-                source_field: Callable[[str], str] = _same_name) -> None:
-    """The config's sizes against the tensors', before a model of that config is built: the
-    layer count, and each width a layer is built with, by the rows of a tensor of that width
-    (rows, because quantization packs a weight's columns but never its rows). Errors name
-    tensors and fields as the checkpoint does (source_name, source_field map our names)."""
-    check_layer_count(config.num_layers, weights, where, source_field("num_layers"))
-    head = config.dim_per_head
-    sizes = [
-        (source_field("vocab_size"), config.vocab_size, "embed_tokens.weight"),
-        (source_field("embed_dim"), config.embed_dim, "decoder.norm.weight"),
-        (source_field("hidden_dim"), config.hidden_dim, "decoder.layers.0.ffn.up_proj.weight"),
-        (f"{source_field('num_heads')} ({config.num_heads}) x head width ({head})",
-         config.num_heads * head, "decoder.layers.0.attention.q_proj.weight"),
-        (f"{source_field('num_kv_heads')} ({config.num_kv_heads}) x head width ({head})",
-         config.num_kv_heads * head, "decoder.layers.0.attention.k_proj.weight"),
-    ]
-    _refuse_missing([source_name(tensor) for _, _, tensor in sizes if tensor not in weights], where)
-    for described, size, tensor in sizes:
-        shape = tuple(weights[tensor].shape)
-        if shape[:1] != (size,):
-            raise CheckpointError(f"{where}: {described} = {size}, but tensor '{source_name(tensor)}' "
-                                  f"has shape {shape}; the config does not match the weights")
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).rpartition(".")[2]  # "float32", not "mlx.core.float32"
-
-
-def _dtype_fits(array: mx.array, parameter: mx.array) -> bool:
-    """Float parameters may come in any float dtype (they are cast); packed quantized weights
-    only in theirs (uint32): the quantized matmul reads nothing else."""
-    if mx.issubdtype(parameter.dtype, mx.floating):
-        return mx.issubdtype(array.dtype, mx.floating)
-    return array.dtype == parameter.dtype
-
-
-def check_weights(model: MobileLLM, weights: dict, where: str,
-                  source_name: Callable[[str], str] = _same_name) -> None:
-    """Every parameter present with its shape and a dtype it can take, and nothing else.
-    Errors name the tensor as the user's checkpoint does (source_name maps our names to the
-    checkpoint's)."""
-    expected = dict(tree_flatten(model.parameters()))
-    for name, array in weights.items():
-        if name not in expected:
-            raise CheckpointError(f"{where}: unexpected tensor '{source_name(name)}'")
-        if tuple(array.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{where}: tensor '{source_name(name)}' has shape {tuple(array.shape)} but the "
-                f"config needs {tuple(expected[name].shape)}; config.json does not match the weights")
-        if not _dtype_fits(array, expected[name]):
-            wanted = ("a float dtype" if mx.issubdtype(expected[name].dtype, mx.floating)
-                      else _dtype_name(expected[name].dtype))
-            raise CheckpointError(f"{where}: tensor '{source_name(name)}' has dtype "
-                                  f"{_dtype_name(array.dtype)} but must have {wanted}: the file "
-                                  "is corrupt")
-    _refuse_missing([source_name(name) for name in sorted(set(expected) - set(weights))], where)
-
-
 def build_model(config: MobileLLMConfig, weights: dict, where: str,
                 dtype: Optional[str] = None, quantization: Optional[dict] = None,
-                source_name: Callable[[str], str] = _same_name) -> MobileLLM:
+                source_name: Callable[[str], str] = same_name) -> MobileLLM:
     """The model with these weights; quantized layers where the weights come quantized.
     dtype casts the float weights (quantized ones stay packed; their scales are cast)."""
     model = MobileLLM(config)
@@ -122,12 +40,16 @@ def load(path, dtype: Optional[str] = None,
     hub repo id. Anything but an MLX folder is converted in memory; nothing is written.
 
     dtype ("float32", "float16", "bfloat16") casts the float weights; None keeps the
-    checkpoint's. adapter_path: a folder of fine-tuned adapters to apply (unfused; see
+    checkpoint's (as mlx-lm's load does: a 4-bit model stays 4-bit in memory); "auto" is what
+    the command line runs: the dtype that computes fastest here (compute_dtype.for_fast_compute:
+    float32 on a CPU with a fast BLAS, at up to 6x the memory of a 4-bit model; else the
+    checkpoint's). adapter_path: a folder of fine-tuned adapters to apply (unfused; see
     `mlx-mobilellm fuse` to merge them). The tokenizer is None when the source has none.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    from convert.sources import open_checkpoint
+    if dtype is not None and dtype != "auto" and dtype not in DTYPES:
+        raise ParameterError(lambda name: f"{name('dtype')} {dtype!r} is not one of "
+                                          f"{', '.join(DTYPES)} or auto")
+    from .formats.sources import open_checkpoint
 
     checkpoint = open_checkpoint(path)
     eos = checkpoint.config.eos_token_ids
@@ -137,9 +59,12 @@ def load(path, dtype: Optional[str] = None,
         tokenizer = tokenizer_from_files(read_tokenizer_files(checkpoint.folder), checkpoint.origin, eos)
     if tokenizer is not None:
         check_fits_model(tokenizer, checkpoint.config.vocab_size, checkpoint.origin)
-    model = build_model(checkpoint.config, checkpoint.weights, checkpoint.origin, dtype,
-                        checkpoint.quantization, checkpoint.source_name)
-    if adapter_path is not None:
+    model = build_model(checkpoint.config, checkpoint.weights, checkpoint.origin,
+                        None if dtype == "auto" else dtype, checkpoint.quantization,
+                        checkpoint.source_name)
+    if dtype == "auto":
+        model = for_fast_compute(model)
+    if adapter_path is not None:  # after the compute dtype: for_fast_compute rebuilds the model
         from .lora import load_adapters
 
         load_adapters(model, adapter_path)

@@ -236,7 +236,7 @@ def _read_text(path: Path) -> str:
 
 def tokenizer_from_gguf_metadata(metadata: dict, where: str,
                                  eos_token_ids: Sequence[int] = ()) -> Optional[Tokenizer]:
-    from convert.gguf_tokenizer import tokenizer_files
+    from .formats.gguf_tokenizer import tokenizer_files
 
     tokenizer = tokenizer_from_files(tokenizer_files(metadata), where, eos_token_ids)
     if tokenizer is not None:
@@ -259,7 +259,7 @@ def load_tokenizer(path, eos_token_ids: Sequence[int] = ()) -> Tokenizer:
     """The tokenizer of a model folder (tokenizer.json, else tokenizer.model) or a .gguf file."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from convert.gguf_file import read_metadata
+        from .formats.gguf_file import read_metadata
 
         tokenizer = tokenizer_from_gguf_metadata(read_metadata(path)[0], str(path), eos_token_ids)
     else:

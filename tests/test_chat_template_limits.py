@@ -222,7 +222,7 @@ def conversation(turns: int) -> list:
 @pytest.fixture(scope="module")
 def smollm2_template() -> str:
     """The chat template of the real SmolLM2 GGUF (the demo model)."""
-    from convert.gguf_file import read_metadata
+    from mlx_mobilellm.formats.gguf_file import read_metadata
     from mlx_mobilellm.demo import demo_model_path
 
     return read_metadata(demo_model_path())[0]["tokenizer.chat_template"]

@@ -70,7 +70,9 @@ def messages(user: str, system=None) -> list:
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    """The one error line of stderr. Notes may come before it (on a CPU with the reference BLAS
+    every loading command prints one): they inform, they are not errors."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
@@ -258,3 +260,28 @@ def test_chat_keeps_its_cache_across_turns(tiny_folder, tiny, lines, ending):
         assert stats[1] == turns[1][2]
     else:  # at least the first turn's prompt came from the cache
         assert 0 < stats[1] <= turns[1][2] - turns[0][2] < turns[1][2]
+
+
+def test_a_slow_blas_gets_one_note(tiny_folder):
+    """With only the reference BLAS (MLX_MOBILELLM_BLAS=none keeps the system's out), generate
+    says how to get a fast one; the answer is the same."""
+    env = {**os.environ, "MLX_MOBILELLM_BLAS": "none"}
+    argv = [sys.executable, "-m", "mlx_mobilellm.cli", "generate", "--model", str(tiny_folder),
+            "--prompt", "hi", "--max-tokens", "3"]
+    slow = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert slow.returncode == 0, slow.stderr
+    notes = slow.stderr.splitlines()
+    assert len(notes) == 1 and "apt-get install libopenblas0-pthread" in notes[0]
+
+
+def test_load_auto_is_the_dtype_the_command_line_computes_in(tiny_folder, tmp_path):
+    """load(dtype="auto") gives what generate runs: float32 on a CPU with a fast BLAS."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_mobilellm.compute_dtype import FAST_BLAS_GFLOPS, float32_gflops
+
+    half = convert(tiny_folder, tmp_path / "bf16", dtype="bfloat16", quiet=True)
+    dtypes = {p.dtype for _, p in tree_flatten(load(half, dtype="auto")[0].parameters())}
+    fast = float32_gflops() >= FAST_BLAS_GFLOPS
+    assert dtypes == ({mx.float32} if fast else {mx.bfloat16})

@@ -36,9 +36,9 @@ from safetensors.numpy import save_file
 import mlx_mobilellm
 from mlx_mobilellm.errors import CheckpointError
 from convert.convert import Q_BITS, Q_GROUP_SIZES, convert
-from convert.names import to_ours
+from mlx_mobilellm.formats.names import to_ours
 from mlx_mobilellm.cli import main as cli_main
-from mlx_mobilellm.model_folder import INDEX_FILE
+from mlx_mobilellm.formats.model_folder import INDEX_FILE
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig
 
 torch.set_num_threads(1)  # tiny models: more threads only fight with MLX's on 2 cores
@@ -641,9 +641,17 @@ def test_quantize_default_is_4_bit_group_64(quant_source, tmp_path):
 
 def test_group_size_that_does_not_divide_a_layer_is_refused(tmp_path):
     """Width 64 with group size 128: refused (naming a layer and the sizes that fit) rather
-    than quietly leaving layers in float; nothing is written."""
+    than quietly leaving layers in float; nothing is written. The library names its parameter,
+    the command line its flag."""
     src = SOURCES["llama4-untied"](tmp_path / "src")
-    with pytest.raises(CheckpointError, match=r"--q-group-size 128 does not divide the width 64 "
-                                              r"of '.*'.*use --q-group-size 32$"):
+    with pytest.raises(CheckpointError, match=r"^q_group_size 128 does not divide the width 64 "
+                                              r"of '.*'.*use q_group_size 32$"):
         convert(src.path, tmp_path / "mlx", quantize=True, q_group_size=128, quiet=True)
+    assert not (tmp_path / "mlx").exists()
+    result = subprocess.run([sys.executable, "-m", "mlx_mobilellm.cli", "convert", "--hf-path",
+                             str(src.path), "--mlx-path", str(tmp_path / "mlx"), "-q",
+                             "--q-group-size", "128"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert re.fullmatch(r"error: --q-group-size 128 does not divide the width 64 of '.*'.*use "
+                        r"--q-group-size 32\n", result.stderr), result.stderr
     assert not (tmp_path / "mlx").exists()

@@ -32,9 +32,9 @@ from convert.convert import convert
 from convert.export import (export_hf, halves_to_interleaved, interleaved_to_halves,
                             restore_rope_layout)
 from convert.gguf_export import export_gguf
-from convert.hf_config import config_from_hf, config_to_hf
+from mlx_mobilellm.formats.hf_config import config_from_hf, config_to_hf
 from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.model_folder import INDEX_FILE
+from mlx_mobilellm.formats.model_folder import INDEX_FILE
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig
 
 torch.set_num_threads(1)  # tiny models: more threads only fight with MLX's on 2 cores
@@ -533,3 +533,17 @@ def test_gguf_export_of_quantized_and_float16_folders(tmp_path):
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
     with pytest.raises(CheckpointError, match="already exists"):
         export_gguf(tmp_path / "f16", tmp_path / "f16.gguf", quiet=True)
+
+
+def test_export_of_a_gguf_writes_its_tokenizer_files(tmp_path):
+    """A GGUF carries its tokenizer as metadata: export writes it as tokenizer.json and
+    tokenizer_config.json, which transformers loads (it wrote no tokenizer before)."""
+    from test_convert import GGUF_VOCAB, Q, transformers_model, write_gguf
+
+    path = write_gguf(tmp_path / "model.gguf", transformers_model("llama", vocab_size=GGUF_VOCAB),
+                      lambda name: Q.F32)
+    export_hf(path, tmp_path / "hf", quiet=True)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = mlx_mobilellm.load_tokenizer(path)
+    assert theirs("the three")["input_ids"] == ours.encode("the three")

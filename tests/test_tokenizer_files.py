@@ -13,7 +13,7 @@ from mlx_mobilellm import CheckpointError, load_tokenizer
 from mlx_mobilellm.detokenizer import StreamingDetokenizer
 from mlx_mobilellm.tokenizer import check_fits_model
 from test_gguf_tokenizer import tiny_metadata, write_gguf
-from convert.gguf_tokenizer import write_tokenizer_files
+from mlx_mobilellm.formats.gguf_tokenizer import write_tokenizer_files
 
 NOT_UTF8 = b'{"bos_token": "caf\xe9"}'  # Latin-1, as an editor might save it
 

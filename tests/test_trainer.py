@@ -310,7 +310,8 @@ def test_checkpoints_every_save_every_steps(tmp_path, monkeypatch):
 
 # A run killed for real: this script trains in a subprocess and stops dead (sleeps) in the
 # middle of step HANG_STEP, after the checkpoint of step 3 and the report of step 4 are on
-# disk; the test SIGKILLs it there.
+# disk; the test SIGKILLs it there. The hook is the trainer's step, outside the compiled
+# functions (inside them Python runs only while tracing).
 RESUME_ADAPTERS = {"fine_tune_type": "lora", "rank": 4, "scale": 2.0, "dropout": 0.1}
 RESUME_ARGS = dict(iters=8, batch_size=2, grad_accumulation_steps=2, learning_rate=1e-2, warmup=2,
                    lr_schedule="cosine", save_every=3, steps_per_report=2, steps_per_eval=4,
@@ -323,19 +324,18 @@ sys.path.insert(0, {tests!r})
 import test_trainer
 from mlx_mobilellm.training import trainer
 
-calls = 0
-original = trainer._loss
+steps = 0
+original = trainer.TrainingStep.loss_and_gradients
 
-def hanging_loss(model, inputs, labels):
-    global calls
-    if model.training:  # evaluation calls don't count
-        calls += 1
-        if calls == 2 * {hang_step}:  # the second micro-batch of step {hang_step}
-            Path({marker!r}).write_text("hanging")
-            time.sleep(600)
-    return original(model, inputs, labels)
+def hanging_loss_and_gradients(self, batches):
+    global steps
+    steps += 1
+    if steps == {hang_step}:  # its micro-batches drawn, its random state seeded
+        Path({marker!r}).write_text("hanging")
+        time.sleep(600)
+    return original(self, batches)
 
-trainer._loss = hanging_loss
+trainer.TrainingStep.loss_and_gradients = hanging_loss_and_gradients
 test_trainer.resume_run({folder!r}, resume=False)
 """
 
@@ -403,14 +403,14 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, bad):
     seen = checkpoint_spy(monkeypatch)
-    original, calls = trainer._loss, []
+    original, calls = trainer.TrainingStep.loss_and_gradients, []
 
-    def diverging_loss(model, inputs, labels):
+    def diverging_loss_and_gradients(self, batches):
         calls.append(1)
-        loss = original(model, inputs, labels)
-        return loss * float(bad) if len(calls) >= 5 else loss
+        loss, grads = original(self, batches)
+        return (loss * float(bad) if len(calls) >= 5 else loss), grads
 
-    monkeypatch.setattr(trainer, "_loss", diverging_loss)
+    monkeypatch.setattr(trainer.TrainingStep, "loss_and_gradients", diverging_loss_and_gradients)
     model = make_model()
     with pytest.raises(TrainingDiverged) as error:
         run(tmp_path, make_examples(6), model=model, iters=10, save_every=2)
@@ -440,3 +440,61 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, adapter_dropou
     assert checkpointed.decoder.gradient_checkpointing and not plain.decoder.gradient_checkpointing
     assert_close_pairs(losses(checkpointed_metrics), losses(plain_metrics), 1e-5)
     assert_close_trees(adapters_of(checkpointed), adapters_of(plain), 1e-5)
+
+
+# --- the compiled step --------------------------------------------------------------------------
+
+def quantized_model(adapters, **overrides):
+    """make_model's model with its linear layers in 4 bits (QLoRA); width 64 and FFN 128 are
+    multiples of the group size."""
+    model = tiny_model(VOCAB, seed=0, embed_dim=64, hidden_dim=128, **overrides)
+    nn.quantize(model, group_size=32, bits=4,
+                class_predicate=lambda _, module: isinstance(module, nn.Linear))
+    mx.random.seed(1)
+    apply_adapters(model, adapters)
+    return model
+
+
+def run_uncompiled(*args, **kwargs):
+    mx.disable_compile()
+    try:
+        return run(*args, **kwargs)
+    finally:
+        mx.enable_compile()
+
+
+@pytest.mark.parametrize("kind, build, grad_checkpoint", [
+    ("lora", make_model, False), ("lora", make_model, True), ("dora", make_model, True),
+    ("lora", quantized_model, True)], ids=["lora", "lora-checkpointed", "dora-checkpointed", "qlora"])
+def test_compiled_step_trains_as_the_uncompiled_one(tmp_path, kind, build, grad_checkpoint):
+    # Adapter and model dropout, accumulation and clipping: every input the compiled functions
+    # must take afresh each call (adapters, optimizer state, random state) is exercised; one
+    # captured as a constant of the first trace would repeat its masks or undo its updates.
+    adapters = {**ADAPTERS, "fine_tune_type": kind, "dropout": 0.2}
+    settings = dict(iters=5, grad_accumulation_steps=2, max_grad_norm=0.5, warmup=2,
+                    lr_schedule="cosine", grad_checkpoint=grad_checkpoint, seed=3)
+    examples = make_examples(6)
+    compiled, compiled_metrics = run(tmp_path / "compiled", examples, adapters=adapters,
+                                     model=build(adapters, dropout=0.1), **settings)
+    plain, plain_metrics = run_uncompiled(tmp_path / "plain", examples, adapters=adapters,
+                                          model=build(adapters, dropout=0.1), **settings)
+    assert_close_pairs(losses(compiled_metrics), losses(plain_metrics), 1e-5)
+    assert_close_trees(adapters_of(compiled), adapters_of(plain), 1e-5)
+    fresh = adapters_of(build(adapters))
+    assert not np.allclose(fresh["decoder.layers.0.ffn.up_proj.lora_b"],
+                           adapters_of(compiled)["decoder.layers.0.ffn.up_proj.lora_b"])
+
+
+def test_the_step_is_traced_once_per_batch_shape(tmp_path, monkeypatch):
+    # Compiled, the loss runs in Python only while a step is traced: once for a first
+    # micro-batch and once for a later one (which adds to the gradients so far), then never
+    # again while the batch shape stays the same. Uncompiled it would run for every one.
+    original, calls = trainer._loss, []
+
+    def counted_loss(model, inputs, labels):
+        calls.append(inputs.shape)
+        return original(model, inputs, labels)
+
+    monkeypatch.setattr(trainer, "_loss", counted_loss)
+    run(tmp_path, make_examples(4, lengths=(10, 10)), iters=4, grad_accumulation_steps=2)
+    assert calls == [(2, 10)] * 2

@@ -168,7 +168,7 @@ def test_truncation_keeps_an_example_with_one_completion_token_left(tmp_path, ra
     assert example.prompt_length == head and len(example.tokens) == head + 1
     _, labels = batch_arrays([example], 0)
     assert (np.array(labels)[0, 1:] != -100).sum() == 1
-    with pytest.raises(CheckpointError, match=r"train.jsonl:1: nothing left to learn .* --max-seq-length"):
+    with pytest.raises(CheckpointError, match=r"train.jsonl:1: nothing left to learn .* max_seq_length"):
         one(tmp_path, plain_tokenizer, record, True, max_seq_length=head)
 
 
@@ -188,7 +188,7 @@ BAD_LINES = [
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]}', False,
      r"messages\[1\] must be an object with string 'role' and 'content'"),
     ('{"messages": [{"content": "no role"}]}', False, r"messages\[0\]"),
-    ('{"text": "fine"}', True, "--mask-prompt needs prompt/completion or messages"),
+    ('{"text": "fine"}', True, "mask_prompt needs prompt/completion or messages"),
     ('{"messages": [{"role": "user", "content": "only a question"}]}', True, "needs an assistant message"),
 ]
 
@@ -297,5 +297,5 @@ def test_iterate_batches_follows_the_grouped_order():
 
 
 def test_fewer_examples_than_the_batch_size_is_an_error():
-    with pytest.raises(CheckpointError, match="2 examples, fewer than --batch-size 3"):
+    with pytest.raises(CheckpointError, match="2 examples, fewer than batch_size 3"):
         next(iterate_batches(random_examples(2), 3, pad_id=0))

@@ -18,7 +18,7 @@ from typing import Iterator, List
 import mlx.core as mx
 
 from ..chat_template import ChatTemplateError
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ParameterError
 from ..models.mobilellm import IGNORE_INDEX
 from ..input_checks import check_text
 
@@ -56,7 +56,8 @@ def encode_example(record: dict, tokenizer, mask_prompt: bool, where: str) -> Ex
         last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"),
                              default=None)
         if mask_prompt and last_assistant is None:
-            raise CheckpointError(f"{where}: --mask-prompt needs an assistant message to learn")
+            raise ParameterError(lambda name: f"{where}: {name('mask_prompt')} needs an assistant "
+                                              "message to learn")
         prompt = _chat_prompt(tokenizer, messages[:last_assistant]) if mask_prompt else []
         return Example(tokens, len(prompt))
     if "prompt" in record and "completion" in record:
@@ -79,8 +80,8 @@ def encode_example(record: dict, tokenizer, mask_prompt: bool, where: str) -> Ex
             raise CheckpointError(f"{where}: 'text' must be a string")
         check_text(record["text"], f"{where}: 'text'")
         if mask_prompt:
-            raise CheckpointError(f"{where}: --mask-prompt needs prompt/completion or messages "
-                                  "lines, not text")
+            raise ParameterError(lambda name: f"{where}: {name('mask_prompt')} needs "
+                                              "prompt/completion or messages lines, not text")
         return Example(tokenizer.encode(record["text"]) + eos, 0)
     raise CheckpointError(f"{where}: a line needs 'text', 'prompt' and 'completion', or "
                           f"'messages'; found keys {sorted(record)}")
@@ -110,8 +111,9 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
                 example.tokens = example.tokens[:max_seq_length]
             # Position 0 is never a target; a prompt covers its own positions.
             if max(example.prompt_length, 1) >= len(example.tokens):
-                raise CheckpointError(f"{where}: nothing left to learn after the prompt within "
-                                      f"--max-seq-length {max_seq_length}")
+                raise ParameterError(lambda name: f"{where}: nothing left to learn after the "
+                                                  f"prompt within {name('max_seq_length')} "
+                                                  f"{max_seq_length}")
             examples.append(example)
     if not examples:
         raise CheckpointError(f"{path}: has no examples; add some, or remove the file")
@@ -156,8 +158,8 @@ def iterate_batches(examples: List[Example], batch_size: int, pad_id: int, seed:
     """(inputs, labels) batches; with loop, epochs repeat forever. start_step skips that many
     batches so that a resumed run sees exactly the batches an uninterrupted one would."""
     if len(examples) < batch_size:
-        raise CheckpointError(f"the dataset has {len(examples)} examples, fewer than "
-                              f"--batch-size {batch_size}")
+        raise ParameterError(lambda name: f"the dataset has {len(examples)} examples, fewer "
+                                          f"than {name('batch_size')} {batch_size}")
     epoch, step = 0, 0
     while True:
         for indices in length_grouped_batches(examples, batch_size, seed, epoch):

@@ -18,8 +18,8 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .errors import CheckpointError
-from .models.config import MODEL_TYPE, MobileLLMConfig
+from ..errors import CheckpointError
+from ..models.config import MODEL_TYPE, MobileLLMConfig
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"

@@ -19,17 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.loading import check_sizes, check_weights
-from mlx_mobilellm.model_folder import CONFIG_FILE, is_model_folder, quantize_like, split_folder_config
-from mlx_mobilellm.models.config import MobileLLMConfig
-from mlx_mobilellm.models.mobilellm import MobileLLM
-
+from ..errors import CheckpointError, ParameterError
+from ..models.config import MobileLLMConfig
+from ..models.mobilellm import MobileLLM
 from .gguf_file import gguf_key, read_gguf
 from .hf_config import SUPPORTED_MODEL_TYPES, hf_field
 from .huggingface import read_hf_checkpoint, read_json
+from .model_folder import CONFIG_FILE, is_model_folder, quantize_like, split_folder_config
 from .names import NAME_TABLES, from_ours
 from .safetensors_files import read_tensors, safetensors_files
+from .validation import check_sizes, check_weights
 
 SOURCE_FORMATS = SUPPORTED_MODEL_TYPES + ("cheapertraining", "gguf", "mlx")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
@@ -103,9 +102,10 @@ def detect_format(config: dict, where: str) -> str:
         return config["model_type"]
     if "embed_dim" in config and "num_layers" in config:
         return "cheapertraining"
-    raise CheckpointError(
+    raise ParameterError(lambda name: (
         f"{where}: cannot tell the checkpoint format (model_type {config.get('model_type')!r:.60}); "
-        f"supported: {', '.join(SOURCE_FORMATS)} — pass --source-format if it is one of them")
+        f"supported: {', '.join(SOURCE_FORMATS)} — pass {name('source_format')} if it is one "
+        "of them"))
 
 
 def _cheapertraining(raw: dict, files: list, where: str) -> tuple:
@@ -156,7 +156,7 @@ def _open(spec, source_format: Optional[str], quiet: bool) -> Checkpoint:
         return Checkpoint(config, kind, weights, None, str(spec), folder)
     if kind != raw.get("model_type"):
         raw_type = raw.get("model_type")
-        raise CheckpointError(f"{config_path}: model_type is {raw_type!r}, not {kind!r}; "
-                              "drop --source-format or fix config.json")
+        raise ParameterError(lambda name: f"{config_path}: model_type is {raw_type!r}, not "
+                                          f"{kind!r}; drop {name('source_format')} or fix config.json")
     config, source, weights = read_hf_checkpoint(folder, files)
     return Checkpoint(config, source, weights, None, str(spec), folder)

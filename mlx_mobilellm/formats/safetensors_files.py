@@ -7,10 +7,9 @@ from typing import Iterator, Tuple
 
 import mlx.core as mx
 
-from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.input_checks import read_json_object
-from mlx_mobilellm.model_folder import INDEX_FILE
-
+from ..errors import CheckpointError
+from ..input_checks import read_json_object
+from .model_folder import INDEX_FILE
 from .safetensors_header import check_safetensors_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Tuple
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from mlx_mobilellm.errors import CheckpointError
+from ..errors import CheckpointError
 
 # llama.cpp's token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -1,5 +1,4 @@
-"""`mlx-mobilellm lora` (fine-tune LoRA / DoRA adapters, QLoRA on quantized models) and
-`mlx-mobilellm fuse` (merge adapters into the weights and write a model folder).
+"""`mlx-mobilellm lora`: fine-tune LoRA / DoRA adapters (QLoRA on quantized models).
 
 Flags are mlx-lm's where the idea is the same. Every `lora` option can also come from a
 `--config` file (YAML or JSON, the option names with underscores; mlx-lm's
@@ -19,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 FINE_TUNE_TYPES = ("lora", "dora")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -95,6 +94,8 @@ LORA_OPTIONS = (
     Option("quiet", False, "no progress bar or reports"),
 )
 OPTIONS_BY_NAME = {option.name: option for option in LORA_OPTIONS}
+# Library parameters that these options set under another name.
+PARAMETER_ALIASES = {"max_grad_norm": "grad_clip"}
 # mlx-lm's YAML block → our option names.
 LORA_PARAMETERS = {"rank": "lora_rank", "scale": "lora_scale", "dropout": "lora_dropout",
                    "keys": "lora_keys"}
@@ -237,7 +238,7 @@ def _check(values: dict) -> None:
     if not 0 <= values["weight_decay"] < math.inf:
         raise CheckpointError(f"--weight-decay must be >= 0, got {values['weight_decay']}")
     try:
-        from .sampling import check_seed
+        from ..sampling import check_seed
 
         check_seed(values["seed"])
     except ValueError as error:
@@ -249,7 +250,7 @@ def _check(values: dict) -> None:
         raise CheckpointError(f"--adapter-path {folder}: is a file; it names a folder (made if "
                               "missing) for the adapters, metrics and checkpoint")
     if values["lora_keys"] is not None:
-        from .lora import DEFAULT_TARGETS
+        from ..lora import DEFAULT_TARGETS
 
         unknown = [k for k in values["lora_keys"] if k not in DEFAULT_TARGETS]
         if unknown or not values["lora_keys"]:
@@ -264,23 +265,26 @@ def _check(values: dict) -> None:
 
 # --- lora ---------------------------------------------------------------------------------
 
-def _model_spec(spec) -> str:
+def model_spec(spec) -> str:
     """How adapter_config.json records the base model: an absolute path when it is local."""
     if spec is None:
-        from .demo import demo_model_path
+        from ..demo import demo_model_path
 
         return str(demo_model_path())
     return str(Path(spec).resolve()) if Path(spec).exists() else str(spec)
 
 
 def load_base(spec: str, dtype: Optional[str], quiet: bool):
-    from .compute_dtype import dequantized, on_cpu
-    from .loading import load
+    from ..compute_dtype import dequantized, on_cpu, slow_blas_note
+    from ..loading import load
 
     model, tokenizer = load(spec)
     if tokenizer is None:
         raise CheckpointError(f"{spec}: has no tokenizer files; fine-tuning needs one")
-    quantized = any(".scales" in name for name in _parameter_names(model))
+    note = slow_blas_note()
+    if note and not quiet:
+        print(note, file=sys.stderr)
+    quantized = any(".scales" in name for name in parameter_names(model))
     if dtype == "float32":
         model = dequantized(model)
     elif quantized and on_cpu() and not quiet:
@@ -289,14 +293,14 @@ def load_base(spec: str, dtype: Optional[str], quiet: bool):
     return model, tokenizer
 
 
-def _parameter_names(model) -> list:
+def parameter_names(model) -> list:
     from mlx.utils import tree_flatten
 
     return [name for name, _ in tree_flatten(model.parameters())]
 
 
 def _adapter_config(s: SimpleNamespace, model, spec: str) -> dict:
-    from .lora import DEFAULT_TARGETS
+    from ..lora import DEFAULT_TARGETS
 
     layers = len(model.decoder.layers)
     if s.num_layers > layers:
@@ -310,7 +314,7 @@ def _adapter_config(s: SimpleNamespace, model, spec: str) -> dict:
 
 
 def _training_args(s: SimpleNamespace):
-    from .training.trainer import TrainingArgs
+    from ..training.trainer import TrainingArgs
 
     values = {f.name: getattr(s, f.name) for f in fields(TrainingArgs) if hasattr(s, f.name)}
     values["max_grad_norm"] = s.grad_clip
@@ -322,12 +326,12 @@ def run_lora(args: argparse.Namespace) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .lora import ADAPTER_CONFIG, apply_adapters, load_adapters
-    from .training.data import load_dataset
-    from .training.trainer import evaluate, plot_loss_curve, train
+    from ..lora import ADAPTER_CONFIG, apply_adapters, load_adapters
+    from ..training.data import load_dataset
+    from ..training.trainer import evaluate, plot_loss_curve, train
 
     s = settings(args)
-    spec = _model_spec(s.model)
+    spec = model_spec(s.model)
     model, tokenizer = load_base(spec, s.dtype, s.quiet)
     datasets = load_dataset(s.data, tokenizer, s.max_seq_length, s.mask_prompt)
     for wanted, split in ((s.train, "train"), (s.test, "test")):
@@ -371,74 +375,3 @@ def run_lora(args: argparse.Namespace) -> None:
                         None if s.test_batches == -1 else s.test_batches)
         perplexity = math.exp(loss) if loss < 700 else math.inf
         print(f"test loss {loss:.4f}, test perplexity {perplexity:.4f}")
-
-
-# --- fuse ---------------------------------------------------------------------------------
-
-def add_fuse_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="base model (default: the one adapter_config.json "
-                        "names, else the demo model)")
-    parser.add_argument("--adapter-path", default="adapters", help="folder of adapters.safetensors "
-                        "and adapter_config.json (default: adapters)")
-    parser.add_argument("--save-path", default="fused_model", help="output MLX model folder "
-                        "(default: fused_model)")
-    parser.add_argument("--export-hf", metavar="DIR", help="also export the fused model as a "
-                        "Hugging Face folder (the format the base model came from)")
-    parser.add_argument("--dequantize", action="store_true", help="write a quantized base as "
-                        "float32 weights (default: re-quantize with its own bits and group size)")
-    parser.add_argument("--force", action="store_true", help="replace existing output folders")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _base_of(adapter_path) -> Optional[str]:
-    """The base model that adapter_config.json records, if any."""
-    from .lora import ADAPTER_CONFIG
-
-    path = Path(adapter_path) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; --adapter-path must be a folder written by "
-                              "`mlx-mobilellm lora`")
-    try:
-        return json.loads(path.read_text()).get("model")
-    except (ValueError, AttributeError):
-        return None  # load_adapters reports what is wrong with the file
-
-
-def run_fuse(args: argparse.Namespace) -> None:
-    from convert.export import export_hf
-    from convert.save import save_model
-    from convert.sources import open_checkpoint
-    from convert.destination import check_destination
-
-    from .compute_dtype import dequantized
-    from .loading import load
-    from .lora import fuse
-
-    recorded = _base_of(args.adapter_path)
-    spec = args.model or recorded or _model_spec(None)
-    inputs = [spec, args.adapter_path]
-    # Refused before the fusing: outputs that may not be written, or that would overlap.
-    check_destination(args.save_path, args.force, inputs)
-    if args.export_hf:
-        save, hf = Path(args.save_path).resolve(), Path(args.export_hf).resolve()
-        if hf == save or hf in save.parents or save in hf.parents:
-            raise CheckpointError(f"--export-hf {args.export_hf}: must lie apart from --save-path "
-                                  f"{args.save_path}, neither inside the other")
-        check_destination(args.export_hf, args.force, [*inputs, args.save_path])
-    model, _ = load(spec, adapter_path=args.adapter_path)
-    fuse(model, dequantize=args.dequantize)
-    if args.dequantize and any(".scales" in name for name in _parameter_names(model)):
-        model = dequantized(model)  # the embedding and the layers without adapters
-    base = open_checkpoint(spec, quiet=args.quiet)  # its format and tokenizer files
-    # The format export writes back by default; none for an MLX folder that records none.
-    source_format = base.original_format if base.source_format == "mlx" else base.export_format
-    readme = (f"# {Path(args.save_path).name}\n\nMLX model folder written by `mlx-mobilellm fuse`: "
-              f"`{spec}` with the adapters of `{args.adapter_path}` merged into its weights.\n")
-    save_model(model, args.save_path, source_format, base, readme=readme, force=args.force,
-               sources=inputs, quiet=args.quiet)
-    if not args.quiet:
-        print(f"wrote {args.save_path}", file=sys.stderr)
-    if args.export_hf:
-        export_hf(args.save_path, args.export_hf, force=args.force, quiet=args.quiet)
-        if not args.quiet:
-            print(f"wrote {args.export_hf}", file=sys.stderr)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import CheckpointError
-
-DTYPES = ("float32", "float16", "bfloat16")
+from ..errors import CheckpointError
+from .options import add_dtype
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="MLX folder, Hugging Face folder, .gguf file or hub repo "
                         "id (default: the built-in SmolLM2-135M-Instruct demo model)")
-    parser.add_argument("--dtype", choices=DTYPES,
-                        help="compute dtype; default: the checkpoint's, or float32 on a CPU with a "
-                        "fast BLAS (see mlx_mobilellm/compute_dtype.py)")
+    add_dtype(parser, "compute dtype; default: the checkpoint's, or float32 on a CPU with a fast "
+              "BLAS (see mlx_mobilellm/compute_dtype.py)")
     parser.add_argument("--adapter-path", help="a folder of fine-tuned LoRA/DoRA adapters "
                         "(from `mlx-mobilellm lora`) to apply to --model")
     parser.add_argument("--draft-model", help="a smaller model with the same tokenizer for "
@@ -54,9 +52,9 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_values(args) -> None:
     """Every flag's value, before a model loads. The library checks what it takes as parameters
     (its messages name those); this adds the bounds only the command line sets."""
-    from .generate import MAX_DRAFT_TOKENS
-    from .input_checks import check_text
-    from .sampling import check_seed, make_logits_processors, make_sampler
+    from ..generate import MAX_DRAFT_TOKENS
+    from ..input_checks import check_text
+    from ..sampling import check_seed, make_logits_processors, make_sampler
 
     if args.system is not None:
         check_text(args.system, "--system")
@@ -81,17 +79,16 @@ def _check_values(args) -> None:
 
 
 def load_for_generation(spec, dtype, adapter_path=None):
-    from .compute_dtype import for_fast_compute
-    from .demo import demo_model_path
-    from .loading import load
-    from .lora import load_adapters
+    from ..compute_dtype import slow_blas_note
+    from ..demo import demo_model_path
+    from ..loading import load
 
-    model, tokenizer = load(spec or demo_model_path(), dtype)
+    model, tokenizer = load(spec or demo_model_path(), dtype or "auto", adapter_path)
     if tokenizer is None:
         raise CheckpointError(f"{spec}: has no tokenizer files; generation needs one")
-    model = model if dtype else for_fast_compute(model)
-    if adapter_path:  # after the compute dtype is chosen: for_fast_compute rebuilds the model
-        load_adapters(model, adapter_path)
+    note = slow_blas_note()
+    if note:
+        print(note, file=sys.stderr)
     return model, tokenizer
 
 
@@ -101,7 +98,7 @@ TOKENIZER_PROBE = "Hello world! 1234 café 你好 🦙 <|im_end|>"
 
 def _load_models(args):
     """(model, tokenizer, draft model or None)."""
-    from .generate import check_draft_model
+    from ..generate import check_draft_model
 
     model, tokenizer = load_for_generation(args.model, args.dtype, args.adapter_path)
     if not args.draft_model:
@@ -136,7 +133,7 @@ def _stdin_is_closed(command: str) -> CheckpointError:
 
 def _read_prompt(args) -> str:
     """--prompt TEXT, or standard input for --prompt -, as text a tokenizer takes."""
-    from .input_checks import check_text
+    from ..input_checks import check_text
 
     if args.prompt != "-":
         return check_text(args.prompt, "--prompt")
@@ -153,7 +150,7 @@ def _read_prompt(args) -> str:
 
 
 def run_generate(args) -> None:
-    from .generate import format_stats, stream_generate
+    from ..generate import format_stats, stream_generate
 
     _check_values(args)
     prompt = _read_prompt(args)
@@ -175,7 +172,7 @@ def run_generate(args) -> None:
 def _read_line():
     """The next line typed, "" for one that could not be read as text (said on stderr), None at
     the end of input."""
-    from .input_checks import check_text
+    from ..input_checks import check_text
 
     try:
         return check_text(input(">> "), "the line")
@@ -197,9 +194,9 @@ def _read_line():
 
 
 def run_chat(args) -> None:
-    from convert.cli import one_line
+    from .running import one_line
 
-    from .generate import PromptCache, format_stats, stream_generate
+    from ..generate import PromptCache, format_stats, stream_generate
 
     _check_values(args)
     if sys.stdin is None:

@@ -10,9 +10,8 @@ from typing import Tuple
 
 import mlx.core as mx
 
-from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.models.config import ConfigFieldError, MobileLLMConfig
-
+from ..errors import CheckpointError
+from ..models.config import ConfigFieldError, MobileLLMConfig
 from .names import to_ours
 
 SUPPORTED_ARCHITECTURES = ("llama",)

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Tuple
 
-from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.loading import check_layer_count
-from mlx_mobilellm.input_checks import read_json_object
-from mlx_mobilellm.models.config import MobileLLMConfig
-
+from ..errors import CheckpointError
+from ..input_checks import read_json_object
+from ..models.config import MobileLLMConfig
 from .hf_config import config_from_hf, hf_model_type
 from .names import IGNORED_SOURCE_TENSORS, to_ours
 from .safetensors_files import read_tensors, safetensors_files
+from .validation import check_layer_count
 
 
 def read_json(path: Path) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mlx_mobilellm.errors import CheckpointError
-from mlx_mobilellm.models.config import ConfigFieldError, MobileLLMConfig, check_field
+from ..errors import CheckpointError
+from ..models.config import ConfigFieldError, MobileLLMConfig, check_field
 
 SUPPORTED_MODEL_TYPES = ("llama4_text", "llama", "mobilellm")
 
@@ -211,21 +211,24 @@ def _common_to_hf(config: MobileLLMConfig, model_type: str) -> dict:
     )
 
 
-def _chunking_acts(config: MobileLLMConfig) -> bool:
-    """Chunked attention changes results only when a chunk is shorter than the context."""
-    return config.attention_chunk_size is not None and config.attention_chunk_size < config.max_seq_len
+def plain_attention_gaps(config: MobileLLMConfig) -> list:
+    """What the model's attention does beyond Llama's plain RoPE attention on every layer, which
+    neither a Llama config nor llama.cpp's llama GGUF can say: empty when there is nothing."""
+    gaps = []
+    if config.use_qk_norm:
+        gaps.append("the model uses QK-norm (MobileLLM-R1 does)")
+    if config.nope_layers:
+        gaps.append(f"layers {config.nope_layers} are NoPE (no RoPE)")
+    # Chunked attention changes results only when a chunk is shorter than the context.
+    if config.attention_chunk_size is not None and config.attention_chunk_size < config.max_seq_len:
+        gaps.append(f"RoPE layers attend in chunks of {config.attention_chunk_size} tokens")
+    return gaps
 
 
 def _check_llama_expressible(config: MobileLLMConfig, model_type: str) -> None:
-    """Llama (and original MobileLLM) attention is plain RoPE attention on every layer."""
-    fix = "export as llama4_text instead"
-    if config.use_qk_norm:
-        _refuse(model_type, "the model uses QK-norm, which Llama has no field for", fix)
-    if config.nope_layers:
-        _refuse(model_type, f"layers {config.nope_layers} are NoPE (no RoPE), which Llama cannot express", fix)
-    if _chunking_acts(config):
-        _refuse(model_type, f"RoPE layers attend in chunks of {config.attention_chunk_size} tokens, "
-                "which Llama cannot express", fix)
+    gaps = plain_attention_gaps(config)
+    if gaps:
+        _refuse(model_type, f"{gaps[0]}, which Llama cannot express", "export as llama4_text instead")
 
 
 def _llama4_text_to_hf(config: MobileLLMConfig) -> dict:

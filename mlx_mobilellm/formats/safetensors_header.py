@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from mlx_mobilellm.errors import CheckpointError
+from ..errors import CheckpointError
 
 # The safetensors library's own bound on the header; real headers are a few hundred KB.
 MAX_HEADER_BYTES = 100_000_000
