@@ -5,11 +5,9 @@ tokens the first turn did not already put in the cache.
 """
 
 import mlx_mobilellm
-from mlx_mobilellm.compute_dtype import for_fast_compute
 from mlx_mobilellm.demo import demo_model_path
 
-model, tokenizer = mlx_mobilellm.load(demo_model_path())
-model = for_fast_compute(model)
+model, tokenizer = mlx_mobilellm.load(demo_model_path(), dtype="auto")
 cache = mlx_mobilellm.PromptCache.for_model(model)
 history = []
 for question in ("What is the capital of France?", "And what is its most famous tower?"):

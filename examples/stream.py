@@ -6,12 +6,11 @@
 import sys
 
 import mlx_mobilellm
-from mlx_mobilellm.compute_dtype import for_fast_compute
 from mlx_mobilellm.demo import demo_model_path
 
 question = sys.argv[1] if len(sys.argv) > 1 else "Why is the sky blue?"
-model, tokenizer = mlx_mobilellm.load(demo_model_path())
-model = for_fast_compute(model)  # float32 on a CPU with a fast BLAS, as the CLI does
+# dtype="auto": as the CLI computes (float32 on a CPU with a fast BLAS).
+model, tokenizer = mlx_mobilellm.load(demo_model_path(), dtype="auto")
 
 prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}])
 response = None
