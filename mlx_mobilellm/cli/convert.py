@@ -10,21 +10,26 @@ from convert.convert import Q_BITS, Q_GROUP_SIZES
 
 from ..errors import CheckpointError
 from ..formats.sources import SOURCE_FORMATS
-from .options import add_dtype, add_output_switches
+from .options import Option, add_options, dtype_option, output_options
+
+
+CONVERT_OPTIONS = (
+    Option("source", None, "source: a folder, a .safetensors or .gguf file, or a hub repo id",
+           str, flags=("--hf-path", "--model"), required=True),
+    Option("mlx_path", "mlx_model", "output MLX model folder", str),
+    Option("source_format", None, "skip detection and read the source as this format", str,
+           SOURCE_FORMATS),
+    dtype_option("default: the source's dtype"),
+    Option("quantize", False, "quantize every linear layer and the embedding",
+           flags=("-q", "--quantize")),
+    Option("q_bits", 4, "bits per quantized weight", int, Q_BITS),
+    Option("q_group_size", 64, "weights sharing one scale and bias", int, Q_GROUP_SIZES),
+    *output_options("--mlx-path"),
+)
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf-path", "--model", dest="source", required=True,
-                        help="source: a folder, a .safetensors or .gguf file, or a hub repo id")
-    parser.add_argument("--mlx-path", default="mlx_model", help="output MLX model folder")
-    parser.add_argument("--source-format", choices=SOURCE_FORMATS,
-                        help="skip detection and read the source as this format")
-    add_dtype(parser, "default: the source's dtype")
-    parser.add_argument("-q", "--quantize", action="store_true",
-                        help="quantize every linear layer and the embedding")
-    parser.add_argument("--q-bits", type=int, default=4, choices=Q_BITS)
-    parser.add_argument("--q-group-size", type=int, default=64, choices=Q_GROUP_SIZES)
-    add_output_switches(parser, "--mlx-path")
+    add_options(parser, CONVERT_OPTIONS)
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -37,16 +42,21 @@ def run_convert(args: argparse.Namespace) -> None:
         print(f"wrote {out}", file=sys.stderr)
 
 
+EXPORT_OPTIONS = (
+    Option("model", None, "the MLX model folder to export", str, required=True),
+    Option("format", None, "hf (default) or gguf; --gguf-path alone implies gguf", str,
+           ("hf", "gguf")),
+    Option("hf_path", None, "output Hugging Face folder", str),
+    Option("gguf_path", None, "output .gguf file", str),
+    Option("model_type", None, "Hugging Face format to write; default: the one it was converted "
+           "from", str, ("llama4_text", "llama", "mobilellm")),
+    dtype_option("default: the folder's dtype"),
+    *output_options("output"),
+)
+
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="the MLX model folder to export")
-    parser.add_argument("--format", choices=("hf", "gguf"),
-                        help="hf (default) or gguf; --gguf-path alone implies gguf")
-    parser.add_argument("--hf-path", help="output Hugging Face folder")
-    parser.add_argument("--gguf-path", help="output .gguf file")
-    parser.add_argument("--model-type", choices=("llama4_text", "llama", "mobilellm"),
-                        help="Hugging Face format to write; default: the one it was converted from")
-    add_dtype(parser, "default: the folder's dtype")
-    add_output_switches(parser, "the output")
+    add_options(parser, EXPORT_OPTIONS)
 
 
 def run_export(args: argparse.Namespace) -> None:

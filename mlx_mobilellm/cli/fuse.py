@@ -11,21 +11,25 @@ from typing import Optional
 
 from ..errors import CheckpointError
 from .lora import model_spec, parameter_names
-from .options import add_output_switches
+from .options import Option, add_options, output_options
+
+
+FUSE_OPTIONS = (
+    Option("model", None, "base model (default: the one adapter_config.json names, else the demo "
+           "model)", str),
+    Option("adapter_path", "adapters", "folder of adapters.safetensors and adapter_config.json",
+           str),
+    Option("save_path", "fused_model", "output MLX model folder", str),
+    Option("export_hf", None, "also export the fused model as a Hugging Face folder (the format "
+           "the base model came from)", str),
+    Option("dequantize", False, "write a quantized base as float32 weights (default: re-quantize "
+           "with its own bits and group size)"),
+    *output_options("output folder"),
+)
 
 
 def add_fuse_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="base model (default: the one adapter_config.json "
-                        "names, else the demo model)")
-    parser.add_argument("--adapter-path", default="adapters", help="folder of adapters.safetensors "
-                        "and adapter_config.json (default: adapters)")
-    parser.add_argument("--save-path", default="fused_model", help="output MLX model folder "
-                        "(default: fused_model)")
-    parser.add_argument("--export-hf", metavar="DIR", help="also export the fused model as a "
-                        "Hugging Face folder (the format the base model came from)")
-    parser.add_argument("--dequantize", action="store_true", help="write a quantized base as "
-                        "float32 weights (default: re-quantize with its own bits and group size)")
-    add_output_switches(parser, "output folder")
+    add_options(parser, FUSE_OPTIONS)
 
 
 def _base_of(adapter_path) -> Optional[str]:

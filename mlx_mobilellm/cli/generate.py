@@ -6,47 +6,50 @@ import argparse
 import sys
 
 from ..errors import CheckpointError
-from .options import add_dtype
+from .options import Option, add_options, dtype_option
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="MLX folder, Hugging Face folder, .gguf file or hub repo "
-                        "id (default: the built-in SmolLM2-135M-Instruct demo model)")
-    add_dtype(parser, "compute dtype; default: the checkpoint's, or float32 on a CPU with a fast "
-              "BLAS (see mlx_mobilellm/compute_dtype.py)")
-    parser.add_argument("--adapter-path", help="a folder of fine-tuned LoRA/DoRA adapters "
-                        "(from `mlx-mobilellm lora`) to apply to --model")
-    parser.add_argument("--draft-model", help="a smaller model with the same tokenizer for "
-                        "speculative decoding")
-    parser.add_argument("--num-draft-tokens", type=int, default=3)
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", "-m", type=int, default=256)
-    parser.add_argument("--temp", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float)
-    parser.add_argument("--repetition-context-size", type=int, default=20)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    parser.add_argument("--max-kv-size", type=int, help="bound the KV cache (long chats)")
-    parser.add_argument("--system", help="a system message for the chat template")
+MODEL_OPTIONS = (
+    Option("model", None, "MLX folder, Hugging Face folder, .gguf file or hub repo id "
+           "(default: the built-in SmolLM2-135M-Instruct demo model)", str),
+    dtype_option("compute dtype; default: the checkpoint's, or float32 on a CPU with a fast BLAS "
+                 "(see mlx_mobilellm/compute_dtype.py)"),
+    Option("adapter_path", None, "a folder of fine-tuned LoRA/DoRA adapters (from `mlx-mobilellm "
+           "lora`) to apply to --model", str),
+    Option("draft_model", None, "a smaller model with the same tokenizer for speculative "
+           "decoding", str),
+    Option("num_draft_tokens", 3, "tokens the draft model proposes at a time", int),
+)
+SAMPLING_OPTIONS = (
+    Option("max_tokens", 256, "tokens to generate at most", int, flags=("--max-tokens", "-m")),
+    Option("temp", 0.0, "sampling temperature; 0 is greedy", float),
+    Option("top_p", 1.0, "nucleus sampling: the smallest set of tokens with this probability",
+           float),
+    Option("top_k", 0, "sample among the k most likely tokens; 0: all", int),
+    Option("min_p", 0.0, "drop tokens less likely than min_p x the most likely one", float),
+    Option("repetition_penalty", None, "divide the logits of recent tokens by this", float),
+    Option("repetition_context_size", 20, "how many recent tokens the penalty sees", int),
+    Option("seed", None, "random seed for sampling", int),
+    Option("stop", (), "a stop string (repeatable)", str, repeatable=True),
+    Option("max_kv_size", None, "bound the KV cache (long chats)", int),
+    Option("system", None, "a system message for the chat template", str),
+)
+GENERATE_OPTIONS = (
+    Option("prompt", None, "the prompt; - reads standard input", str, flags=("--prompt", "-p"),
+           required=True),
+    Option("ignore_chat_template", False, "use the prompt as plain text even if the model has a "
+           "chat template"),
+    Option("verbose", False, "print speed and memory at the end"),
+)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--prompt", "-p", required=True, help="the prompt; - reads standard input")
-    add_sampling_arguments(parser)
-    parser.add_argument("--ignore-chat-template", action="store_true",
-                        help="use the prompt as plain text even if the model has a chat template")
-    parser.add_argument("--verbose", action="store_true", help="print speed and memory at the end")
+    add_options(parser, MODEL_OPTIONS + GENERATE_OPTIONS[:1] + SAMPLING_OPTIONS
+                + GENERATE_OPTIONS[1:])
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    add_sampling_arguments(parser)
+    add_options(parser, MODEL_OPTIONS + SAMPLING_OPTIONS)
 
 
 def _check_values(args) -> None:

@@ -13,12 +13,13 @@ import json
 import math
 import reprlib
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Optional
 
 from ..errors import CheckpointError
+from .options import Option, add_options
 
 FINE_TUNE_TYPES = ("lora", "dora")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -31,17 +32,6 @@ def _key_list(value) -> tuple:
     if not isinstance(items, (list, tuple)) or not all(isinstance(k, str) for k in items):
         raise ValueError("expected layer names, e.g. q_proj,v_proj")
     return tuple(k.strip() for k in items if k.strip())
-
-
-@dataclass(frozen=True)
-class Option:
-    name: str
-    """The config-file key; the flag is --name-with-hyphens."""
-    default: Any
-    help: str
-    type: Optional[Callable] = None
-    """None: a switch (on when given)."""
-    choices: tuple = ()
 
 
 _DTYPE_HELP = (
@@ -103,15 +93,8 @@ LORA_PARAMETERS = {"rank": "lora_rank", "scale": "lora_scale", "dropout": "lora_
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults stay None here: an option is "given" when it is not None, so that it can
-    # override the config file, which overrides OPTIONS' defaults (see settings()).
-    for option in LORA_OPTIONS:
-        flag = "--" + option.name.replace("_", "-")
-        default = "" if option.default is None else f" (default: {option.default})"
-        if option.type is None:
-            parser.add_argument(flag, action="store_true", default=None, help=option.help)
-        else:
-            parser.add_argument(flag, type=option.type, choices=option.choices or None,
-                                help=option.help + default)
+    # override the config file, which overrides the options' defaults (see settings()).
+    add_options(parser, LORA_OPTIONS, defaults=False)
     parser.add_argument("-c", "--config", help="YAML or JSON file of these options (underscores: "
                         "learning_rate: 1e-4); flags given here override it")
 
