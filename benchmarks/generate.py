@@ -51,6 +51,8 @@ from common import attempt, log, machine
 SHAPES = {
     "140m": dict(num_hidden_layers=15, num_attention_heads=9, num_key_value_heads=3,
                  hidden_size=576, intermediate_size_mlp=2048),
+    "360m": dict(num_hidden_layers=15, num_attention_heads=16, num_key_value_heads=4,
+                 hidden_size=1024, intermediate_size_mlp=4096),
     "950m": dict(num_hidden_layers=22, num_attention_heads=24, num_key_value_heads=6,
                  hidden_size=1536, intermediate_size_mlp=6144),
 }
@@ -232,7 +234,7 @@ def bench_shape(shape: str, args, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["140m", "950m"])
     parser.add_argument("--dtypes", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=32)

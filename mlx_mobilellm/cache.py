@@ -31,20 +31,27 @@ class KVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Append this step's keys/values; return everything cached so far."""
-        new = keys.shape[2]
-        end = self.offset + new
-        if self.keys is None or end > self.keys.shape[2]:
-            capacity = ((end + self.step - 1) // self.step) * self.step
-            grown_k = mx.zeros((*keys.shape[:2], capacity, keys.shape[3]), keys.dtype)
-            grown_v = mx.zeros((*values.shape[:2], capacity, values.shape[3]), values.dtype)
-            if self.keys is not None:
-                grown_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-                grown_v[..., : self.offset, :] = self.values[..., : self.offset, :]
-            self.keys, self.values = grown_k, grown_v
+        end = self.offset + keys.shape[2]
+        self._reserve(end, keys, values)
         self.keys[..., self.offset : end, :] = keys
         self.values[..., self.offset : end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def _capacity_for(self, end: int) -> int:
+        return -(-end // self.step) * self.step
+
+    def _reserve(self, end: int, keys: mx.array, values: mx.array) -> None:
+        """Make room for positions [0, end), keeping the first `offset` ones."""
+        if self.keys is not None and end <= self.keys.shape[2]:
+            return
+        capacity = self._capacity_for(end)
+        grown_k = mx.zeros((*keys.shape[:2], capacity, keys.shape[3]), keys.dtype)
+        grown_v = mx.zeros((*values.shape[:2], capacity, values.shape[3]), values.dtype)
+        if self.keys is not None:
+            grown_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            grown_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = grown_k, grown_v
 
     @property
     def trimmable(self) -> bool:
@@ -52,12 +59,13 @@ class KVCache:
 
     def trim(self, count: int) -> int:
         """Forget the last `count` positions (rejected draft tokens, a changed chat turn)."""
-        count = min(count, self.offset)
+        count = min(count, self.offset) if self.trimmable else 0
         self.offset -= count
         return count
 
     @property
     def state(self):
+        """(keys, values) of the cached positions, in order."""
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     @state.setter
@@ -68,8 +76,17 @@ class KVCache:
 
 class RotatingKVCache(KVCache):
     """A bounded cache for long chats: it keeps the first `keep` positions (the system prompt
-    and attention sinks) and the most recent ones, at most `max_size` in all. Positions keep
-    counting, so RoPE still sees each token at its true place."""
+    and attention sinks) and the most recent ones, `max_size` in all. Positions keep counting,
+    so RoPE still sees each token at its true place.
+
+    A new token attends to the `max_size` kept positions and itself. The storage is a ring of
+    max_size + 1 slots: position p lives in slot p while it fits, later in slot
+    keep + (p - keep) % (max_size + 1 - keep), so a decode step overwrites the one position that
+    leaves the window, in place. Attention does not depend on the order of its keys (they
+    carry their RoPE positions), so a one-token query reads the ring as it lies. A prompt chunk
+    of several tokens attends causally to the window followed by itself, and then the ring is
+    refilled from their end.
+    """
 
     def __init__(self, max_size: int, keep: int = 4):
         super().__init__()
@@ -77,44 +94,92 @@ class RotatingKVCache(KVCache):
             raise ValueError(f"max_kv_size ({max_size}) must exceed the {keep} kept positions")
         self.max_size = max_size
         self.keep = keep
+        self.slots = max_size + 1
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        # Attention sees the window plus the new tokens; storage is trimmed afterwards, so a
-        # long prompt chunk still attends causally within itself.
-        if self.keys is None:
-            all_k, all_v = keys, values
-        else:
-            all_k = mx.concatenate([self.keys, keys], axis=2)
-            all_v = mx.concatenate([self.values, values], axis=2)
-        self.offset += keys.shape[2]
-        if all_k.shape[2] > self.max_size:
-            recent = self.max_size - self.keep
-            self.keys = mx.concatenate([all_k[..., : self.keep, :], all_k[..., -recent:, :]], axis=2)
-            self.values = mx.concatenate([all_v[..., : self.keep, :], all_v[..., -recent:, :]], axis=2)
-        else:
-            self.keys, self.values = all_k, all_v
-        return all_k, all_v
+        new = keys.shape[2]
+        if self.offset + new <= self.slots:  # nothing leaves the window yet
+            return super().update_and_fetch(keys, values)
+        if new == 1:
+            return self._overwrite_oldest(keys, values)
+        window_k, window_v = keys, values
+        if self.keys is not None:
+            cached_k, cached_v = self.state
+            window_k = mx.concatenate([cached_k, keys], axis=2)
+            window_v = mx.concatenate([cached_v, values], axis=2)
+        self.offset += new
+        self._store(self._kept(window_k), self._kept(window_v))
+        return window_k, window_v
+
+    def _capacity_for(self, end: int) -> int:
+        return min(super()._capacity_for(end), self.slots)
+
+    def _slot(self, position: int) -> int:
+        if position < self.keep:
+            return position
+        return self.keep + (position - self.keep) % (self.slots - self.keep)
+
+    def _recent_slots(self, count: int) -> list:
+        """The slot ranges of the last `count` positions, oldest first (the ring wraps at most
+        once)."""
+        first = self._slot(self.offset - count)
+        head = min(count, self.slots - first)
+        ranges = [(first, first + head)]
+        if count > head:
+            ranges.append((self.keep, self.keep + count - head))
+        return ranges
+
+    def _overwrite_oldest(self, keys: mx.array, values: mx.array):
+        slot = self._slot(self.offset)
+        self.keys[..., slot : slot + 1, :] = keys
+        self.values[..., slot : slot + 1, :] = values
+        self.offset += 1
+        return self.keys, self.values
+
+    def _kept(self, window: mx.array) -> mx.array:
+        """The first `keep` and the last max_size - keep positions of a longer window."""
+        return mx.concatenate([window[..., : self.keep, :],
+                               window[..., window.shape[2] - (self.max_size - self.keep) :, :]],
+                              axis=2)
+
+    def _store(self, keys: mx.array, values: mx.array) -> None:
+        """Lay out the kept positions (in order, min(offset, max_size) of them) in the ring."""
+        if keys.shape[2] == self.offset:  # nothing was dropped: slot p holds position p
+            self.keys = self.values = None
+            self._reserve(self.offset, keys, values)
+            self.keys[..., : self.offset, :] = keys
+            self.values[..., : self.offset, :] = values
+            return
+        shape = (*keys.shape[:2], self.slots, keys.shape[3])
+        self.keys, self.values = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+        self.keys[..., : self.keep, :] = keys[..., : self.keep, :]
+        self.values[..., : self.keep, :] = values[..., : self.keep, :]
+        read = self.keep
+        for start, stop in self._recent_slots(self.max_size - self.keep):
+            self.keys[..., start:stop, :] = keys[..., read : read + stop - start, :]
+            self.values[..., start:stop, :] = values[..., read : read + stop - start, :]
+            read += stop - start
 
     @property
     def trimmable(self) -> bool:
-        return self.offset == self.keys.shape[2] if self.keys is not None else True
-
-    def trim(self, count: int) -> int:
-        if not self.trimmable or self.keys is None:  # rotated, or nothing cached yet
-            return 0
-        count = min(count, self.offset)
-        self.offset -= count
-        self.keys = self.keys[..., : self.offset, :]
-        self.values = self.values[..., : self.offset, :]
-        return count
+        # Until a position has left the window the slots are a plain cache; after that, the
+        # positions before the last ones are gone and trimming cannot bring them back.
+        return self.offset <= self.max_size
 
     @property
     def state(self):
-        return self.keys, self.values
+        """(keys, values) of the kept positions, in order: at most max_size of them."""
+        if self.offset <= self.max_size:
+            return super().state
+        recent = self._recent_slots(self.max_size - self.keep)
+        return tuple(mx.concatenate([array[..., : self.keep, :]] +
+                                    [array[..., start:stop, :] for start, stop in recent], axis=2)
+                     for array in (self.keys, self.values))
 
-    @state.setter
-    def state(self, value):
-        self.keys, self.values = value
+    def restore(self, keys: mx.array, values: mx.array, offset: int) -> None:
+        """Set what `state` returned, with the offset it had."""
+        self.offset = offset
+        self._store(keys, values)
 
 
 def save_prompt_cache(path, cache: List[KVCache], tokens: List[int]) -> None:
@@ -179,10 +244,9 @@ def _layer(path, index: int, kind, keys: mx.array, values: mx.array) -> KVCache:
     if not (isinstance(kind, dict) and set(kind) == set(sizes)
             and all(is_whole_number(kind[name]) for name in sizes)
             and 0 <= kind["keep"] < kind["max_size"]
-            and keys.shape[2] <= min(kind["max_size"], kind["offset"])):
+            and keys.shape[2] == min(kind["max_size"], kind["offset"])):
         raise _not_a_prompt_cache(path, f"layer {index}'s kind is neither {{}} nor the sizes of "
                                   f"a rotating cache holding its {keys.shape[2]} positions")
     layer = RotatingKVCache(kind["max_size"], kind["keep"])
-    layer.state = (keys, values)
-    layer.offset = kind["offset"]
+    layer.restore(keys, values, kind["offset"])
     return layer

@@ -38,6 +38,8 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
     """None while running, then "stop" (EOS or stop string) or "length"."""
     cached_tokens: int = 0
+    logprobs: Optional[mx.array] = None
+    """(vocab,) log-probabilities this token was drawn from (see Step.logprobs); lazy."""
 
 
 @dataclass
@@ -72,97 +74,161 @@ class PromptCache:
         return common
 
 
-def _forward(model, tokens: mx.array, cache: list) -> mx.array:
-    """Logits of the last position, (1, vocab)."""
-    hidden = model.decoder(model.embed_tokens(tokens[None]), None, cache)
-    return model.logits(hidden[:, -1])
+@dataclass
+class Step:
+    """One decoding step of every row of a batch."""
+    tokens: mx.array
+    """(rows,) int32: each row's next token."""
+    logprobs: mx.array
+    """(rows, vocab) float32: the log-softmax of the scores each token was drawn from (after
+    the logits processors, before temperature and filters). Lazy: computed only when read, so
+    decoding pays nothing for them otherwise."""
 
 
-def _prefill(model, tokens: mx.array, cache: list) -> None:
-    """Run `tokens` into the cache in chunks, evaluating each chunk so that a long prompt
-    never holds more than one chunk's activations."""
-    for start in range(0, tokens.size, PREFILL_STEP):
-        model.decoder(model.embed_tokens(tokens[None, start:start + PREFILL_STEP]), None, cache)
-        mx.eval([c.state for c in cache])
+def _logits(model, ids: mx.array, cache: list, attention_mask: Optional[mx.array] = None,
+            positions: int = 1) -> mx.array:
+    """(batch, positions, vocab): the model's next-token scores at the last `positions` of
+    `ids` (batch, seq), which it appends to `cache`. Every path calls the model here."""
+    return model(ids, attention_mask=attention_mask, cache=cache, logits_to_keep=positions).logits
 
 
-def _next_token(logits: mx.array, history: mx.array, sampler: Sampler,
-                processors: Sequence[LogitsProcessor]) -> mx.array:
-    for process in processors:
-        logits = process(history, logits)
-    return sampler(logits, None)
+def prefill(model, prompt: mx.array, cache: list,
+            attention_mask: Optional[mx.array] = None) -> mx.array:
+    """Run `prompt` (batch, seq) into `cache`; return the last position's logits (batch, vocab).
 
-
-def generate_step(model, prompt: mx.array, cache: list, sampler: Sampler,
-                  processors: Sequence[LogitsProcessor] = (),
-                  history: Optional[mx.array] = None) -> Iterator[int]:
-    """Yield token ids after `prompt` (1-D ids not yet in `cache`), forever.
-
-    history: the whole context the processors see (cached tokens + prompt); default `prompt`.
-
-    The next step is queued (mx.async_eval) before the current token is handed out, so the
-    device computes token n+1 while the host streams token n.
+    The prompt goes in chunks of PREFILL_STEP; each chunk but the last is evaluated at once,
+    its cache only, so a long prompt never holds more than one chunk's activations and the
+    head never runs on it. attention_mask covers the cached positions too.
     """
-    _prefill(model, prompt[:-1], cache)
-    history = prompt if history is None else history
+    if prompt.shape[1] == 0:
+        raise ValueError("the prompt is empty")
+    cached = cache[0].offset
+    starts = range(0, prompt.shape[1], PREFILL_STEP)
+    for start in starts[:-1]:
+        end = cached + start + PREFILL_STEP
+        _logits(model, prompt[:, start : start + PREFILL_STEP], cache,
+                None if attention_mask is None else attention_mask[:, :end])
+        mx.eval([(c.keys, c.values) for c in cache])
+    return _logits(model, prompt[:, starts[-1]:], cache, attention_mask)[:, -1]
 
-    def step(tokens: mx.array) -> mx.array:
-        nonlocal history
-        token = _next_token(_forward(model, tokens, cache), history, sampler, processors)
+
+def _choose(logits: mx.array, sampler: Sampler, key: Optional[mx.array] = None,
+            processors: Sequence[LogitsProcessor] = (), histories: Sequence[mx.array] = ()) -> Step:
+    """Each row's token from its (rows, vocab) logits, after the processors (which see that
+    row's 1-D history)."""
+    if processors:
+        rows = []
+        for row, history in enumerate(histories):
+            row_logits = logits[row : row + 1]
+            for process in processors:
+                row_logits = process(history, row_logits)
+            rows.append(row_logits)
+        logits = mx.concatenate(rows)
+    scores = logits.astype(mx.float32)
+    logprobs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+    return Step(sampler(logits, key).astype(mx.int32), logprobs)
+
+
+def generate_step(model, prompt: mx.array, cache: list, *, max_tokens: int,
+                  sampler: Optional[Sampler] = None, processors: Sequence[LogitsProcessor] = (),
+                  history: Optional[Sequence[mx.array]] = None,
+                  attention_mask: Optional[mx.array] = None,
+                  key: Optional[mx.array] = None) -> Iterator[Step]:
+    """The decode loop: yield a Step for each of up to max_tokens tokens after `prompt`.
+
+    prompt: (batch, seq) or 1-D ids not yet in `cache`. attention_mask: (batch, cached + seq),
+    1 for tokens and 0 for left padding. sampler: greedy by default. key: a random key, split
+    into one per step (reproducible sampling); None draws from MLX's global generator.
+    processors: logits processors, applied to each row with its history (1-D: default the
+    row's prompt; the row's generated tokens are appended as they come).
+
+    Each step is queued (mx.async_eval) before the one before it is handed out, so the device
+    computes token n+1 while the caller reads token n; the last step queues nothing, so
+    max_tokens=N costs the prefill and N-1 one-token model calls, none wasted. Rows only
+    share the model calls: a caller can drop a row that finished (EOS, its own max_tokens)
+    without the others noticing.
+    """
+    if max_tokens < 1:
+        return
+    prompt = prompt if prompt.ndim == 2 else prompt[None]
+    batch = prompt.shape[0]
+    sampler = sampler or make_sampler()
+    keys = None if key is None else mx.random.split(key, max_tokens)
+    histories = list(prompt if history is None else history) if processors else []
+    mask = None if attention_mask is None else mx.array(attention_mask).astype(mx.int32)
+
+    def choose(logits: mx.array, n: int) -> Step:
+        nonlocal histories
+        step = _choose(logits, sampler, None if keys is None else keys[n], processors, histories)
         if processors:
-            history = mx.concatenate([history, token])
-        return token
+            histories = [mx.concatenate([h, t]) for h, t in zip(histories, step.tokens[:, None])]
+        return step
 
-    token = step(prompt[-1:])
-    mx.async_eval(token)
-    while True:
-        following = step(token)
-        mx.async_eval(following)
-        yield token.item()
-        token = following
+    step = choose(prefill(model, prompt, cache, mask), 0)
+    mx.async_eval(step.tokens)
+    for n in range(1, max_tokens):
+        if mask is not None:
+            mask = mx.concatenate([mask, mx.ones((batch, 1), mx.int32)], axis=1)
+        following = choose(_logits(model, step.tokens[:, None], cache, mask)[:, -1], n)
+        mx.async_eval(following.tokens)
+        yield step
+        step = following
+    yield step
 
 
 def speculative_generate_step(model, draft_model, prompt: mx.array, cache: list,
-                              draft_cache: list, sampler: Sampler, num_draft: int = 3,
-                              stats: Optional[dict] = None) -> Iterator[int]:
-    """Yield the same tokens as generate_step, fewer model calls: the draft model proposes
-    num_draft tokens, the model scores them all in one call and keeps the longest prefix that
-    agrees with its own choice at each position, plus its own next token.
+                              draft_cache: list, *, max_tokens: int, sampler: Sampler,
+                              num_draft: int = 3, stats: Optional[dict] = None) -> Iterator[Step]:
+    """Yield the same tokens as generate_step, in fewer model calls: the draft model proposes
+    up to num_draft tokens, the model scores them all in one call and keeps the longest prefix
+    that agrees with its own choice at each position, plus its own next token.
 
-    A token is kept only when it equals the model's own sample, so the output follows the
-    model's distribution exactly (and equals plain greedy at temperature 0).
+    Both models run on generate_step's parts: `prefill` for the prompt (1-D ids in neither
+    cache), `_logits` + `_choose` for each draft token, and one `_logits` call over the last
+    token and the drafts whose positions `_choose` samples as rows. A token is kept only when
+    it equals the model's own sample, so the output follows the model's distribution exactly
+    (and equals plain greedy at temperature 0). A round never drafts past max_tokens.
     stats, when given, counts "drafted" and "accepted" tokens.
     """
-    _prefill(model, prompt[:-1], cache)
-    _prefill(draft_model, prompt[:-1], draft_cache)
-    last = prompt[-1:]
-    while True:
-        drafted = []
-        draft_input = last
-        for _ in range(num_draft):
-            draft_input = sampler(_forward(draft_model, draft_input, draft_cache), None)
+    if max_tokens < 1:
+        return
+    first = _choose(prefill(model, prompt[None], cache), sampler)
+    prefill(draft_model, prompt[None], draft_cache)  # its logits are not needed
+    yield first
+    last = unseen_by_draft = first.tokens
+    remaining = max_tokens - 1
+    while remaining > 0:
+        count = min(num_draft, remaining - 1)
+        drafted, draft_input = [], unseen_by_draft
+        for _ in range(count):
+            draft_input = _choose(_logits(draft_model, draft_input[None], draft_cache)[:, -1],
+                                  sampler).tokens
             drafted.append(draft_input)
-        drafted = mx.concatenate(drafted)
-        hidden = model.decoder(model.embed_tokens(mx.concatenate([last, drafted])[None]), None, cache)
-        chosen = sampler(model.logits(hidden[0]), None)
-        chosen_list, drafted_list = chosen.tolist(), drafted.tolist()
+        verified = _choose(_logits(model, mx.concatenate([last, *drafted])[None], cache,
+                                   positions=count + 1)[0], sampler)
+        chosen = verified.tokens.tolist()
+        proposed = mx.concatenate(drafted).tolist() if drafted else []
         accepted = 0
-        while accepted < num_draft and drafted_list[accepted] == chosen_list[accepted]:
+        while accepted < count and proposed[accepted] == chosen[accepted]:
             accepted += 1
         if stats is not None:
-            stats["drafted"] = stats.get("drafted", 0) + num_draft
+            stats["drafted"] = stats.get("drafted", 0) + count
             stats["accepted"] = stats.get("accepted", 0) + accepted
-        # The model cached last + all drafts; keep last + the accepted ones. The draft cached
-        # last + drafts but the final one; keep last + the accepted ones too.
+        # The model cached last + all drafts: keep last + the accepted ones. The draft cached
+        # what it had not seen + the drafts but the final one (never fed back): keep the
+        # accepted ones too, and feed the final one next round if it was accepted.
         for layer in cache:
-            layer.trim(num_draft - accepted)
-        for layer in draft_cache:
-            layer.trim(max(num_draft - 1 - accepted, 0))
-        for token in chosen_list[: accepted + 1]:
-            yield token
-        if accepted == num_draft:  # the draft has not seen its own final token yet
-            _forward(draft_model, drafted[-1:], draft_cache)
-        last = chosen[accepted : accepted + 1]
+            layer.trim(count - accepted)
+        last = verified.tokens[accepted : accepted + 1]
+        if count:
+            for layer in draft_cache:
+                layer.trim(count - 1 - accepted if accepted < count else 0)
+            unseen_by_draft = mx.concatenate([drafted[-1], last]) if accepted == count else last
+        else:
+            unseen_by_draft = mx.concatenate([unseen_by_draft, last])
+        for i in range(accepted + 1):
+            yield Step(verified.tokens[i : i + 1], verified.logprobs[i : i + 1])
+        remaining -= accepted + 1
 
 
 class _StopStrings:
@@ -231,6 +297,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
     Stops at any EOS id (the tokenizer's and the model config's, or eos_token_ids), at a
     stop string (never emitted), or after max_tokens.
     """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     ids = encode_prompt(tokenizer, prompt, model.config.vocab_size)
     if not ids:
         raise ValueError("the prompt is empty")
@@ -254,28 +322,31 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
                              "(--max-kv-size) or the draft model")
     cached = prompt_cache.reuse(ids)
     new_prompt = mx.array(ids[cached:], dtype=mx.int32)
+    max_tokens = min(max_tokens, context - len(ids))
 
     if draft_model is not None:
         if processors:
             raise ValueError("speculative decoding does not take logits processors "
                              "(repetition penalty)")
         draft_cache = draft_model.make_cache()
-        _prefill(draft_model, mx.array(ids[:cached], dtype=mx.int32), draft_cache)
-        tokens = speculative_generate_step(model, draft_model, new_prompt, prompt_cache.cache,
-                                           draft_cache, sampler, num_draft_tokens, draft_stats)
+        if cached:
+            prefill(draft_model, mx.array([ids[:cached]], dtype=mx.int32), draft_cache)
+        steps = speculative_generate_step(model, draft_model, new_prompt, prompt_cache.cache,
+                                          draft_cache, max_tokens=max_tokens, sampler=sampler,
+                                          num_draft=num_draft_tokens, stats=draft_stats)
     else:
-        tokens = generate_step(model, new_prompt, prompt_cache.cache, sampler, processors,
-                               mx.array(ids, dtype=mx.int32))
+        steps = generate_step(model, new_prompt, prompt_cache.cache, max_tokens=max_tokens,
+                              sampler=sampler, processors=processors,
+                              history=[mx.array(ids, dtype=mx.int32)])
 
     detokenizer = StreamingDetokenizer(tokenizer)
     stops = _StopStrings(stop)
-    max_tokens = min(max_tokens, context - len(ids))
     generated: List[int] = []
     mx.reset_peak_memory()
     start = time.perf_counter()
-    prompt_tps = 0.0
     try:
-        for count, token in enumerate(tokens, start=1):
+        for count, step in enumerate(steps, start=1):
+            token = step.tokens.item()
             if count == 1:
                 first = time.perf_counter()
                 prompt_tps = len(new_prompt) / max(first - start, 1e-9)
@@ -293,12 +364,14 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, *,
             yield GenerationResponse(
                 text=text, token=token, prompt_tokens=len(new_prompt), prompt_tps=prompt_tps,
                 generation_tokens=count, generation_tps=(count - 1) / elapsed if count > 1 else 0.0,
-                peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, cached_tokens=cached)
+                peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, cached_tokens=cached,
+                logprobs=step.logprobs[0])
             if finish:
                 break
     finally:
-        # Also when the caller stops early (Ctrl-C in a chat): the cache keeps what it holds.
-        # It may hold one token more than was handed out (the queued next step).
+        # Also when the caller stops early (Ctrl-C in a chat): the cache keeps what it holds,
+        # which is every token handed out but the last (never fed back), or one more than that
+        # (the step queued after it).
         prompt_cache.tokens = (ids + generated)[: prompt_cache.cache[0].offset]
 
 

@@ -195,9 +195,10 @@ def test_rows_stop_at_eos_and_are_padded(model, prompts, eos_case, pad_id, decod
     out = gen(model, prompts[:2], max_new, eos_token_id=eos, pad_token_id=pad_id)
     np.testing.assert_array_equal(out[:, :PROMPT_LEN], prompts[:2])
     np.testing.assert_array_equal(out[:, PROMPT_LEN:], expected)
-    # Stopped early: no more decoder calls than tokens generated.
+    # Stopped early: one decoder call per token generated, and the one step that was computed
+    # ahead (the price of pipelining: it was queued before the last row's EOS was read).
     assert out.shape[1] == PROMPT_LEN + max(firsts) + 1 < PROMPT_LEN + max_new
-    assert len(decoder_calls) == max(firsts) + 1
+    assert len(decoder_calls) == max(firsts) + 2
 
 
 def test_single_int_eos(model, prompts):

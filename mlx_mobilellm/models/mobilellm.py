@@ -10,7 +10,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..cache import KVCache, RotatingKVCache
-from ..sampling import sample
+from ..generate import generate_step
+from ..quantization import QUANTIZED_LAYERS
+from ..sampling import check_seed, make_sampler
 from .config import MobileLLMConfig, as_id_list
 from .transformer import TransformerDecoder
 
@@ -35,7 +37,7 @@ def _as_ids(values) -> mx.array:
         ids = ids[None]
     if ids.ndim != 2:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
-    return ids.astype(mx.int32)
+    return ids if ids.dtype == mx.int32 else ids.astype(mx.int32)
 
 
 def causal_lm_loss(logits: mx.array, labels: mx.array) -> mx.array:
@@ -72,11 +74,14 @@ class MobileLLM(nn.Module):
         return self.lm_head(hidden_states)
 
     def __call__(self, input_ids, attention_mask=None, labels=None,
-                 cache: Optional[list] = None) -> ModelOutput:
+                 cache: Optional[list] = None, logits_to_keep: int = 0) -> ModelOutput:
         """forward(input_ids, attention_mask=None, labels=None) as in the seed.
 
         attention_mask: (batch, seq) with 1 for tokens and 0 for padding (left padding for
         generation); with a cache it covers the cached positions too.
+        logits_to_keep: compute logits for the last this many positions only (0: all), as in
+        transformers. Generation needs the last one: the head is a prompt chunk's largest
+        matmul.
         """
         ids = _as_ids(input_ids)
         mask = None if attention_mask is None else _as_ids(attention_mask)
@@ -84,8 +89,10 @@ class MobileLLM(nn.Module):
         if offset + ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {offset + ids.shape[1]} tokens exceeds max_seq_len "
                              f"({self.config.max_seq_len})")
+        if logits_to_keep and labels is not None:
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
         hidden = self.decoder(self.embed_tokens(ids), mask, cache)
-        logits = self.logits(hidden)
+        logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None if labels is None else causal_lm_loss(logits, _as_ids(labels))
         return ModelOutput(loss=loss, logits=logits, hidden_states=hidden)
 
@@ -102,7 +109,7 @@ class MobileLLM(nn.Module):
         """Total parameter count. Reads shapes only: no weight is materialised. A quantized
         layer counts the weights it packs, not its scales and biases."""
         bits = {path: module.bits for path, module in self.named_modules()
-                if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+                if isinstance(module, QUANTIZED_LAYERS)}
         total = 0
         for name, p in tree_flatten(self.parameters()):
             module_path, leaf = name.rsplit(".", 1)
@@ -133,7 +140,7 @@ class MobileLLM(nn.Module):
         temperature=0 is greedy; seed makes sampling reproducible.
         """
         ids = _as_ids(input_ids)
-        batch, prompt_len = ids.shape
+        prompt_len = ids.shape[1]
         eos_ids = self.config.eos_token_ids if eos_token_id is None else as_id_list(eos_token_id)
         if pad_token_id is None:
             pad_token_id = self.config.pad_token_id
@@ -142,27 +149,28 @@ class MobileLLM(nn.Module):
         if prompt_len >= self.config.max_seq_len:
             raise ValueError(f"the prompt has {prompt_len} tokens; max_seq_len is "
                              f"{self.config.max_seq_len}, so there is no room to generate")
-        max_new_tokens = min(max_new_tokens, self.config.max_seq_len - prompt_len)
-        padding = None if attention_mask is None else _as_ids(attention_mask)
-        keys = mx.random.split(mx.random.key(seed), max(max_new_tokens, 1)) if seed is not None else None
-        eos = mx.array(eos_ids or [-1], dtype=mx.int32)
-
-        cache = self.make_cache()
-        step_input = ids
-        finished = mx.zeros((batch,), dtype=mx.bool_)
-        generated = []
-        for step in range(max_new_tokens):
-            hidden = self.decoder(self.embed_tokens(step_input), padding, cache)
-            next_logits = self.logits(hidden[:, -1])
-            token = sample(next_logits, temperature, top_p, None if keys is None else keys[step])
-            token = mx.where(finished, pad_token_id, token).astype(mx.int32)
-            generated.append(token)
-            finished = finished | (token[:, None] == eos[None]).any(axis=1)
-            if finished.all().item():
-                break
-            step_input = token[:, None]
-            if padding is not None:
-                padding = mx.concatenate([padding, mx.ones((batch, 1), mx.int32)], axis=1)
-        if not generated:
+        steps = generate_step(
+            self, ids, self.make_cache(),
+            max_tokens=min(max_new_tokens, self.config.max_seq_len - prompt_len),
+            sampler=make_sampler(temperature, top_p),
+            attention_mask=None if attention_mask is None else _as_ids(attention_mask),
+            key=None if seed is None else mx.random.key(check_seed(seed)))
+        new = _padded_after_eos(steps, ids.shape[0], set(eos_ids), pad_token_id)
+        if not new:
             return ids
-        return mx.concatenate([ids, mx.stack(generated, axis=1)], axis=1)
+        return mx.concatenate([ids, mx.array(new, dtype=mx.int32).T], axis=1)
+
+
+def _padded_after_eos(steps, rows: int, eos_ids: set, pad_token_id: int) -> list:
+    """Each step's tokens (a list per step), with pad_token_id in every row after its first
+    EOS; stops reading once every row has finished. The bookkeeping is on the host: an array
+    operation here would queue behind the step computing ahead and wait for it."""
+    new, finished = [], [False] * rows
+    for step in steps:
+        tokens = step.tokens.tolist()
+        tokens = [pad_token_id if done else token for token, done in zip(tokens, finished)]
+        new.append(tokens)
+        finished = [done or token in eos_ids for token, done in zip(tokens, finished)]
+        if all(finished):
+            break
+    return new
