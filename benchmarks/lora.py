@@ -10,12 +10,14 @@ gate/up/down of every layer, Adam at lr 1e-5. Each run restores the initial adap
 starts a fresh optimizer, so every run's first loss is the model's initial loss; the script
 asserts ours and mlx-lm's agree (< 1e-3) before timing anything.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/lora.py  # ~3 min
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/lora.py  # ~4 min
 
-Ours is stepped as our trainer steps it (nn.value_and_grad of model(inputs, labels=labels).loss,
-optimizer.update, eval; no mx.compile). mlx-lm is stepped as its trainer steps it
-(mlx_lm.tuner.trainer.default_loss inside mx.compile with model/optimizer state), and also
-without compile, the same recipe as ours, to separate compilation from the model code.
+Ours is stepped as our trainer steps it (its TrainingStep: loss and gradients of
+model(inputs, labels=labels).loss, then the optimizer update, each compiled with the model,
+optimizer and random state), and also with MLX's compilation switched off around that step.
+mlx-lm is stepped as its trainer steps it (mlx_lm.tuner.trainer.default_loss inside mx.compile
+with model/optimizer/random state), and also without compile. The uncompiled sides separate
+compilation from the model code.
 Checkpointing: model.enable_gradient_checkpointing() vs mlx_lm.tuner.trainer.grad_checkpoint
 (which patches the block class; restored after each run).
 
@@ -24,8 +26,8 @@ predicts the last `tokens`; ours takes all tokens + 1 as inputs and labels (it s
 so both score the same batch x tokens targets (ours computes one extra position per row).
 Figures: median seconds per step over --steps timed steps after --warmup steps, tokens/s
 (targets per step / median), and peak memory (mx.get_peak_memory, reset before each timed
-step; the max over them), weights included. The three sides' steps interleave (order rotating
-every step), so load from other work on the machine weighs on all alike; all three models share
+step; the max over them), weights included. The four sides' steps interleave (order rotating
+every step), so load from other work on the machine weighs on all alike; all four models share
 one copy of the base weights, so every peak includes the same resident memory.
 """
 
@@ -46,9 +48,10 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from common import attempt, log, machine, mlx_lm_runner, share_weights
-from convert.names import from_ours
+from mlx_mobilellm.formats.names import from_ours
 from mlx_mobilellm.lora import DEFAULT_TARGETS, LoRALinear, apply_adapters
 from mlx_mobilellm.models import MobileLLM, get_mobilellm_config
+from mlx_mobilellm.training.trainer import TrainingArgs, TrainingStep
 
 LORA = {"fine_tune_type": "lora", "rank": 8, "scale": 20.0, "dropout": 0.0, "keys": list(DEFAULT_TARGETS)}
 LEARNING_RATE = 1e-5
@@ -58,7 +61,8 @@ SHAPES = {
     # MobileLLM-R1-140M's layout (qk-norm, 9 heads / 3 KV, width 576, tied embeddings,
     # traditional RoPE), fewer layers and a smaller vocabulary to run in minutes on 2 cores.
     "r1-8x576": lambda: dataclasses.replace(get_mobilellm_config("140m"), num_layers=8,
-                                            hidden_dim=1536, vocab_size=8192),
+                                            hidden_dim=1536, vocab_size=8192, bos_token_id=None,
+                                            eos_token_id=None, pad_token_id=None),
     "r1-140m": lambda: get_mobilellm_config("140m"),
 }
 
@@ -99,16 +103,22 @@ class Side:
 
 
 def ours_step(model: MobileLLM, optimizer, compiled: bool) -> Callable:
-    """batch -> loss, one optimizer step, evaluated (as our trainer does it)."""
-    assert not compiled, "our trainer does not compile its step"
-    loss_and_grad = nn.value_and_grad(model, lambda inputs, labels: model(inputs, labels=labels).loss)
+    """batch -> loss, one optimizer step, evaluated: our trainer's TrainingStep, and without
+    compiled, the same step with MLX's compilation switched off around it."""
+    training_step = TrainingStep(model, optimizer, TrainingArgs())
 
     def step(batch):
-        loss, grads = loss_and_grad(batch, batch)
-        optimizer.update(model, grads)
-        mx.eval(loss, model.trainable_parameters(), optimizer.state)
-        return loss.item()
-    return step
+        loss, grads = training_step.loss_and_gradients([(batch, batch)])
+        training_step.apply(grads)
+        return loss
+
+    def uncompiled_step(batch):
+        mx.disable_compile()
+        try:
+            return step(batch)
+        finally:
+            mx.enable_compile()
+    return step if compiled else uncompiled_step
 
 
 def theirs_step(model: nn.Module, optimizer, compiled: bool) -> Callable:
@@ -200,7 +210,10 @@ def bench_shape(name: str, batch: int, tokens: int, warmup: int, steps: int) -> 
     theirs_runners = [mlx_lm_runner(config) for _ in range(2)]
     for runner in theirs_runners:
         share_weights(ours, runner.model)  # before the adapters: base weights only, HF names
-    apply_adapters(ours, LORA)
+    ours_uncompiled = MobileLLM(config)  # likewise for ours: the step compiled and not
+    ours_uncompiled.load_weights(tree_flatten(ours.parameters()), strict=True)
+    for model in (ours, ours_uncompiled):
+        apply_adapters(model, LORA)  # the uncompiled one gets ours' A matrices in run()
     mx.eval(ours.parameters())
     for runner in theirs_runners:
         theirs_lora(runner.model, ours)
@@ -221,11 +234,14 @@ def bench_shape(name: str, batch: int, tokens: int, warmup: int, steps: int) -> 
     def initial(model):
         return [(n, mx.array(p)) for n, p in tree_flatten(model.trainable_parameters())]
 
-    def ours_checkpointing(on):
-        ours.enable_gradient_checkpointing() if on else ours.disable_gradient_checkpointing()
+    def checkpointing_of(model):
+        return lambda on: (model.enable_gradient_checkpointing() if on
+                           else model.disable_gradient_checkpointing())
 
     sides = {
-        "ours": Side(ours_step, ours, initial(ours), ours_checkpointing, False),
+        "ours": Side(ours_step, ours, initial(ours), checkpointing_of(ours), True),
+        "ours_uncompiled": Side(ours_step, ours_uncompiled, initial(ours),
+                                checkpointing_of(ours_uncompiled), False),
         "mlx_lm": Side(theirs_step, theirs, initial(theirs), theirs_runners[0].set_checkpointing, True),
         "mlx_lm_uncompiled": Side(theirs_step, theirs_runners[1].model, initial(theirs_runners[1].model),
                                   theirs_runners[1].set_checkpointing, False),
@@ -250,7 +266,7 @@ def summary(result: dict) -> dict:
         ratio = ours["checkpointed"]["peak_memory_mb"] / ours["plain"]["peak_memory_mb"]
         out["ours_peak_checkpointed_over_plain"] = round(ratio, 3)
         out["ours_peak_target_met"] = ratio <= MEMORY_TARGET
-    for other in ("mlx_lm", "mlx_lm_uncompiled"):
+    for other in ("mlx_lm", "mlx_lm_uncompiled", "ours_uncompiled"):
         for key in ("plain", "checkpointed"):
             a, b = ours[key], result[other][key]
             if "error" in a or "error" in b:

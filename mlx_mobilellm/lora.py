@@ -19,22 +19,15 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import CheckpointError
 from .input_checks import is_finite_number, is_whole_number, read_json_object
+from .quantization import layer_weight
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
 
 
-def base_weight(layer: nn.Module) -> mx.array:
-    """The (out, in) weight of a float or quantized linear layer, in float."""
-    if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
-                             layer.bits, mode=layer.mode)
-    return layer.weight
-
-
 def _features(layer: nn.Module):
-    weight = base_weight(layer)
+    weight = layer_weight(layer)
     return weight.shape[1], weight.shape[0]
 
 
@@ -69,11 +62,13 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_b @ self.lora_a)
 
     def __call__(self, x: mx.array) -> mx.array:
-        update = (self._dropout(x) @ self.lora_a.T) @ self.lora_b.T
-        return self.base(x) + (self.scale * update).astype(x.dtype)
+        # Scaled at the rank-wide intermediate: rank values per token to multiply, not one per
+        # output feature (and as many fewer in the backward pass).
+        update = ((self._dropout(x) @ self.lora_a.T) * self.scale) @ self.lora_b.T
+        return self.base(x) + update.astype(x.dtype)
 
     def fused_weight(self) -> mx.array:
-        weight = base_weight(self.base)
+        weight = layer_weight(self.base)
         return (weight + self.delta().astype(weight.dtype)).astype(weight.dtype)
 
 
@@ -83,10 +78,10 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
         super().__init__(base, rank, scale, dropout)
-        self.magnitude = mx.linalg.norm(base_weight(base).astype(mx.float32), axis=1)
+        self.magnitude = mx.linalg.norm(layer_weight(base).astype(mx.float32), axis=1)
 
     def fused_weight(self) -> mx.array:
-        weight = base_weight(self.base)
+        weight = layer_weight(self.base)
         merged = weight.astype(mx.float32) + self.delta()
         norms = mx.linalg.norm(merged, axis=1, keepdims=True)
         return (self.magnitude[:, None] * merged / norms).astype(weight.dtype)
@@ -94,10 +89,9 @@ class DoRALinear(LoRALinear):
     def __call__(self, x: mx.array) -> mx.array:
         # Base output plus LoRA, rescaled row-wise; the norm is taken without gradient through
         # the merged weight, as the DoRA paper does to save memory.
-        merged = base_weight(self.base).astype(mx.float32) + self.delta()
+        merged = layer_weight(self.base).astype(mx.float32) + self.delta()
         norms = mx.stop_gradient(mx.linalg.norm(merged, axis=1))
-        out = self.base(x) + (self.scale * ((self._dropout(x) @ self.lora_a.T) @ self.lora_b.T)).astype(x.dtype)
-        return (out * (self.magnitude / norms).astype(x.dtype))
+        return super().__call__(x) * (self.magnitude / norms).astype(x.dtype)
 
 
 ADAPTER_TYPES = {"lora": LoRALinear, "dora": DoRALinear}

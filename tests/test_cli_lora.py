@@ -225,7 +225,9 @@ def test_divergence_is_one_error_line(tiny_folder, data, tmp_path, capsys):
                          "--adapter-path", tmp_path / "a", "--iters", 20, "--batch-size", 2,
                          "--optimizer", "sgd", "--learning-rate", 1e30, "--quiet")
     assert status == 1
-    assert "training diverged at step" in one_error_line(err)
+    message = one_error_line(err)
+    assert "training diverged at step" in message
+    assert "lower --learning-rate or set --grad-clip" in message
 
 
 # --- adapters at load time and in generate ------------------------------------------------

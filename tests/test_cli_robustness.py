@@ -358,8 +358,8 @@ DAMAGES = {
                                                   '{"step": 2, "window_loss": "x"}'),
                      "'window_loss' must be a finite number"),
     "state-beyond-iters": ("trainer_state.json", _write("trainer_state.json", '{"step": 10}'),
-                           "the checkpoint is at step 10, beyond iters (4); resume with iters of "
-                           "at least 10"),
+                           "the checkpoint is at step 10, beyond --iters (4); resume with --iters "
+                           "of at least 10"),
     "config-list": ("adapter_config.json", _write("adapter_config.json", "[1]"), "holds a JSON array"),
     "adapters-names": ("adapters.safetensors", _write("adapters.safetensors", {"x": mx.zeros((2,))}),
                        "does not match the adapters of this run"),

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ParameterError
 from ..input_checks import is_finite_number, is_whole_number, read_json_object
 from ..lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, adapter_weights, check_tensors,
                     read_safetensors, save_adapters)
@@ -54,7 +54,8 @@ class TrainingArgs:
     quiet: bool = False
 
 
-class TrainingDiverged(CheckpointError):
+class TrainingDiverged(ParameterError):
+    """The loss stopped being finite; the message says which parameters to change."""
     pass
 
 
@@ -67,7 +68,8 @@ def learning_rate_schedule(args: TrainingArgs):
     elif args.lr_schedule == "constant":
         decay = lambda step: mx.array(args.learning_rate)  # noqa: E731
     else:
-        raise CheckpointError(f"--lr-schedule {args.lr_schedule!r}: use cosine, linear or constant")
+        raise ParameterError(lambda name: f"{name('lr_schedule')} {args.lr_schedule!r}: use cosine, "
+                             "linear or constant")
     if not args.warmup:
         return decay
     warmup = optim.linear_schedule(args.learning_rate / args.warmup, args.learning_rate, args.warmup)
@@ -82,7 +84,7 @@ def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
         return optim.Adam(learning_rate=schedule)
     if args.optimizer == "sgd":
         return optim.SGD(learning_rate=schedule, weight_decay=args.weight_decay)
-    raise CheckpointError(f"--optimizer {args.optimizer!r}: use adamw, adam or sgd")
+    raise ParameterError(lambda name: f"{name('optimizer')} {args.optimizer!r}: use adamw, adam or sgd")
 
 
 def _loss(model, inputs, labels):
@@ -159,8 +161,9 @@ def _trainer_state(path: Path, iters: int) -> dict:
         raise CheckpointError(f"{path}: 'window_loss' must be a finite number, got "
                               f"{reprlib.repr(loss)}")
     if counts["step"] > iters:
-        raise CheckpointError(f"{path}: the checkpoint is at step {counts['step']}, beyond iters "
-                              f"({iters}); resume with iters of at least {counts['step']}")
+        raise ParameterError(lambda name: f"{path}: the checkpoint is at step {counts['step']}, "
+                             f"beyond {name('iters')} ({iters}); resume with {name('iters')} of at "
+                             f"least {counts['step']}")
     return {**counts, "window_loss": float(loss)}
 
 
@@ -187,6 +190,70 @@ def _clear_dropout_keys(model) -> None:
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.set_dropout_key(None)
+
+
+# Each batch shape gets its own trace, kept for the whole run (about 10 MB of graph for the
+# demo model, measured). Past this many shapes, new ones run uncompiled: tracing a shape costs
+# about what compiling saves on one step, so this bounds memory without slowing anything down.
+MAX_COMPILED_SHAPES = 8
+
+
+class TrainingStep:
+    """One optimizer step: the mean loss and gradients over its micro-batches, then the update.
+
+    Both halves are compiled (mx.compile, like mlx-lm's trainer): the model's arrays (frozen
+    ones too), the optimizer's state and MLX's random state are the compiled functions' inputs
+    and outputs, so each call sees the current values rather than those of its first trace.
+    The dropout keys are drawn from that random state inside the compiled call. The update is
+    a separate call so that the trainer can refuse a non-finite loss before anything changes.
+    Compiled or not, a step draws the same random numbers and computes the same values, so
+    MLX_DISABLE_COMPILE=1 (or mx.disable_compile()) runs the same training, uncompiled.
+    """
+
+    def __init__(self, model, optimizer, args: TrainingArgs):
+        self.model, self.optimizer, self.args = model, optimizer, args
+        self._loss_and_grad = nn.value_and_grad(model, _loss)
+        state = [model.state, optimizer.state, mx.random.state]
+        self._compiled_micro_batch = mx.compile(self._micro_batch, inputs=state, outputs=state)
+        self._compiled_shapes = set()
+        self._update = mx.compile(self._apply, inputs=state, outputs=state)
+
+    def _micro_batch_function(self, inputs, grads):
+        """The compiled micro-batch function for a shape traced already or with room left for
+        one more, else the plain function. A first micro-batch (grads None) and a later one
+        are different traces."""
+        shape = (inputs.shape, grads is None)
+        if shape not in self._compiled_shapes and len(self._compiled_shapes) < MAX_COMPILED_SHAPES:
+            self._compiled_shapes.add(shape)
+        return self._compiled_micro_batch if shape in self._compiled_shapes else self._micro_batch
+
+    def _micro_batch(self, inputs, labels, grads):
+        """(loss, grads + this micro-batch's gradients); grads is None for the first."""
+        _set_dropout_keys(self.model)
+        loss, micro_grads = self._loss_and_grad(self.model, inputs, labels)
+        _clear_dropout_keys(self.model)  # the keys are this trace's arrays: none may outlive it
+        return loss, micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+
+    def _apply(self, grads):
+        grads = tree_map(lambda g: g / self.args.grad_accumulation_steps, grads)
+        if self.args.max_grad_norm:
+            grads, _ = optim.clip_grad_norm(grads, self.args.max_grad_norm)
+        self.optimizer.update(self.model, grads)
+
+    def loss_and_gradients(self, batches: list):
+        """(mean loss as a float, summed gradients) over the (inputs, labels) micro-batches."""
+        total, grads = 0.0, None
+        for inputs, labels in batches:
+            loss, grads = self._micro_batch_function(inputs, grads)(inputs, labels, grads)
+            total = total + loss
+        total = total / len(batches)
+        mx.eval(total, grads)
+        return total.item(), grads
+
+    def apply(self, grads) -> None:
+        """The optimizer update with the mean of the summed gradients (clipped if asked)."""
+        self._update(grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
 
 
 def _log(folder: Path, record: dict) -> None:
@@ -221,7 +288,7 @@ def train(model, datasets: dict, args: TrainingArgs, adapter_path, adapter_confi
 def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state) -> dict:
     start = state["step"]
 
-    loss_and_grad = nn.value_and_grad(model, _loss)
+    training_step = TrainingStep(model, optimizer, args)
     micro_batches = iterate_batches(datasets["train"], args.batch_size, pad_id, args.seed,
                                     start_step=start * args.grad_accumulation_steps)
     from tqdm import tqdm
@@ -236,25 +303,16 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
     for step in range(start + 1, args.iters + 1):
         # Dropout masks independent of resuming; wrapped into the 64 bits MLX's seed takes.
         mx.random.seed((args.seed * 100_003 + step) % SEED_LIMIT)
-        grads, step_loss = None, 0.0
-        for _ in range(args.grad_accumulation_steps):
-            inputs, labels = next(micro_batches)
-            _set_dropout_keys(model)
-            loss, micro_grads = loss_and_grad(model, inputs, labels)
-            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-            step_loss += loss
-            window_tokens += (labels[:, 1:] != -100).sum().item()
-        step_loss = (step_loss / args.grad_accumulation_steps).item()
+        batches = [next(micro_batches) for _ in range(args.grad_accumulation_steps)]
+        step_loss, grads = training_step.loss_and_gradients(batches)
+        window_tokens += sum((labels[:, 1:] != -100).sum().item() for _, labels in batches)
         if not math.isfinite(step_loss):
             saved = (f"; the adapters of step {saved_step} are kept in {folder / CHECKPOINT_DIR}"
                      if saved_step else "")
-            raise TrainingDiverged(f"training diverged at step {step}: loss is {step_loss}{saved}; "
-                                   "lower --learning-rate or set --grad-clip")
-        grads = tree_map(lambda g: g / args.grad_accumulation_steps, grads)
-        if args.max_grad_norm:
-            grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
+            raise TrainingDiverged(lambda name: f"training diverged at step {step}: loss is "
+                                   f"{step_loss}{saved}; lower {name('learning_rate')} or set "
+                                   f"{name('max_grad_norm')}")
+        training_step.apply(grads)
         window_loss += step_loss
         window_steps += 1
         bar.update(1)
