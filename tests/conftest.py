@@ -8,6 +8,9 @@ Neither keeps a database of failing examples in the tree (a failure prints its e
 
 import os
 
+# Before anything imports mlx.core: every test process, whichever tests it runs and in whatever
+# order, computes with the same BLAS (mlx_mobilellm/blas.py).
+import mlx_mobilellm  # noqa: F401
 import pytest
 from hypothesis import HealthCheck, settings
 
