@@ -10,10 +10,12 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import mlx_mobilellm  # noqa: F401 - before mlx.core: it loads a fast BLAS (mlx_mobilellm/blas.py)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_mobilellm import blas
 from mlx_mobilellm.formats.names import from_ours
 from mlx_mobilellm.models import MobileLLM, MobileLLMConfig
 
@@ -44,8 +46,7 @@ def machine(**extra) -> dict:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # other work on the CPUs
         "mlx": mx.__version__,
         "backend": str(mx.default_device()),
-        "blas": ("openblas (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "")
-                 else "mlx bundled (reference)"),
+        "blas": blas.loaded() or "mlx bundled (reference)",
         **extra,
     }
 

@@ -4,7 +4,7 @@ Prints one JSON document to stdout (progress goes to stderr). mlx-lm runs the sa
 its llama4_text model (what MobileLLM-R1 is on Hugging Face) loaded from ours by name, and the
 script checks both give the same logits (fp32) before timing anything.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/forward.py  # ~4 min
+    python benchmarks/forward.py  # ~4 min
     python benchmarks/forward.py --shapes ckpt-8x256 --tokens 256 --repeats 1  # bundled BLAS: ~3 min
 
 Each figure is the median of --repeats timed runs (default 2, to keep the default run short on
@@ -22,6 +22,7 @@ import statistics
 import time
 from typing import Callable
 
+import mlx_mobilellm  # noqa: F401 - before mlx.core: it loads a fast BLAS (mlx_mobilellm/blas.py)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

@@ -8,8 +8,8 @@ and generates with its own public `stream_generate`: what users get. bfloat16 an
 (group size 64) folders come from each side's own converter with the same options.
 Prints one JSON document to stdout; progress goes to stderr.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/generate.py --shapes 140m  # ~4 min
-    LD_PRELOAD=... python benchmarks/generate.py --shapes 950m --prompt-tokens 32 --gen-tokens 16 \
+    python benchmarks/generate.py --shapes 140m  # ~4 min
+    python benchmarks/generate.py --shapes 950m --prompt-tokens 32 --gen-tokens 16 \
         --repeats 1                                   # ~8 min on 2 cores; its defaults: far longer
 
 Timing: each figure is the median of --repeats runs after one warm-up run. `prompt_tps` is
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import mlx_mobilellm  # before mlx.core: it loads a fast BLAS (mlx_mobilellm/blas.py)
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
@@ -100,7 +101,6 @@ class Impl:
 
 
 def ours() -> Impl:
-    import mlx_mobilellm
     from convert.convert import convert
 
     return Impl(

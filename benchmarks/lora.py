@@ -10,7 +10,7 @@ gate/up/down of every layer, Adam at lr 1e-5. Each run restores the initial adap
 starts a fresh optimizer, so every run's first loss is the model's initial loss; the script
 asserts ours and mlx-lm's agree (< 1e-3) before timing anything.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/lora.py  # ~4 min
+    python benchmarks/lora.py  # ~4 min
 
 Ours is stepped as our trainer steps it (its TrainingStep: loss and gradients of
 model(inputs, labels=labels).loss, then the optimizer update, each compiled with the model,
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
+import mlx_mobilellm  # noqa: F401 - before mlx.core: it loads a fast BLAS (mlx_mobilellm/blas.py)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim

@@ -14,7 +14,7 @@ prompts' actual next tokens. The GGUF as loaded (quantized, MLX kernels) is repo
 holds the same values as the reference, so it shows the kernels' own numerical noise.
 Prints one JSON document to stdout.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/quantization_quality.py
+    python benchmarks/quantization_quality.py
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx_mobilellm  # before mlx.core: it loads a fast BLAS (mlx_mobilellm/blas.py)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-import mlx_mobilellm
 from convert.convert import convert
 from mlx_mobilellm.formats.model_folder import CONFIG_FILE, folder_config, write_json
 
@@ -166,7 +166,7 @@ def main() -> None:
         "seconds": round(seconds, 1),
         "environment": {"platform": platform.platform(), "mlx": mx.__version__,
                         "device": str(mx.default_device()), "cpus": os.cpu_count(),
-                        "ld_preload": os.environ.get("LD_PRELOAD")},
+                        "blas": mlx_mobilellm.blas.loaded()},
     }, indent=2))
 
 
