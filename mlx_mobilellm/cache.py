@@ -16,7 +16,8 @@ class KVCache:
 
     Storage is preallocated and grows in steps of `step` positions, so a decode step writes into
     existing memory instead of concatenating (which would copy the whole cache every token).
-    `offset` is both the number of cached positions and the next token's position.
+    `offset` is the number of cached positions and, but for rows padded on the left after
+    their positions were set (left_padding, see pad_left), the next token's position.
     """
 
     step = 256
@@ -28,6 +29,13 @@ class KVCache:
         self.keys = None
         self.values = None
         self.offset = 0
+        self.left_padding = None
+        """None, or (rows,) int32: slots put before each row's positions by pad_left."""
+
+    @property
+    def rope_offset(self):
+        """The next token's position: an int, or one per row (rows,) once rows were padded."""
+        return self.offset if self.left_padding is None else self.offset - self.left_padding
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Append this step's keys/values; return everything cached so far."""
@@ -72,6 +80,37 @@ class KVCache:
     def state(self, value):
         self.keys, self.values = value
         self.offset = self.keys.shape[2]
+
+    # Rows joining and leaving a decoding batch (decode.DecodeBatch): every row ends at `offset`.
+
+    def _padding(self) -> mx.array:
+        rows = self.keys.shape[0]
+        return mx.zeros((rows,), mx.int32) if self.left_padding is None else self.left_padding
+
+    def pad_left(self, count: int) -> None:
+        """Put `count` empty slots before every row, keeping each row's positions."""
+        padding = self._padding() + count
+        self.state = tuple(mx.concatenate([mx.zeros((*a.shape[:2], count, a.shape[3]), a.dtype), a],
+                                          axis=2) for a in self.state)
+        self.left_padding = padding
+
+    def stack(self, other: "KVCache") -> None:
+        """Append the rows of `other`, which ends at the same offset."""
+        padding = mx.concatenate([self._padding(), other._padding()])
+        self.state = tuple(mx.concatenate([mine, theirs]) for mine, theirs in
+                           zip(self.state, other.state))
+        self.left_padding = padding
+
+    def take_rows(self, rows: mx.array) -> None:
+        padding = self._padding()[rows]
+        self.state = tuple(a[rows] for a in self.state)
+        self.left_padding = padding
+
+    def drop_leading(self, count: int) -> None:
+        """Forget the first `count` slots (padding in every row), keeping each row's positions."""
+        padding = self._padding() - count
+        self.state = tuple(a[..., count:, :] for a in self.state)
+        self.left_padding = padding
 
 
 class RotatingKVCache(KVCache):

@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 from generation_helpers import collect, tiny_model, write_bpe_folder
 from mlx_mobilellm import batch_generate, load_tokenizer, stream_generate
 from mlx_mobilellm.cache import KVCache, RotatingKVCache
-from mlx_mobilellm.generate import generate_step
+from mlx_mobilellm.decode import DecodeBatch, generate_step
+from mlx_mobilellm.generate import stream_batch_generate
 from mlx_mobilellm.models import MobileLLM
 from mlx_mobilellm.models.transformer import TransformerDecoder
 
@@ -209,3 +210,88 @@ def test_generation_past_the_bound_equals_the_concatenating_window(model, max_si
     assert [int(s.tokens[0]) for s in ours] == [int(s.tokens[0]) for s in theirs]
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(np.array(a.logprobs), np.array(b.logprobs), atol=1e-5)
+
+
+# --- batches of rows with their own lengths and stops ---------------------------------------
+
+def test_each_batch_row_is_its_own_stream_generate(model, tokenizer):
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 12]]
+    limits, stops = [5, 12, 8], [[], [tokenizer.decode([PROMPT[0]])], ["zz"]]
+    rows = [[] for _ in prompts]
+    for row, response in stream_batch_generate(model, tokenizer, prompts, limits, stops=stops,
+                                               eos_token_ids=[]):
+        rows[row].append(response)
+    for prompt, limit, stop, responses in zip(prompts, limits, stops, rows):
+        alone = list(stream_generate(model, tokenizer, prompt, limit, stop=stop, eos_token_ids=[]))
+        assert [r.token for r in responses] == [r.token for r in alone]
+        assert "".join(r.text for r in responses) == "".join(r.text for r in alone)
+        assert responses[-1].finish_reason == alone[-1].finish_reason
+        assert [r.finish_reason for r in responses[:-1]] == [None] * (len(responses) - 1)
+
+
+def test_a_row_no_longer_wanted_ends_and_the_others_go_on(model, tokenizer, calls):
+    model_calls, _ = calls
+    gone = set()
+    seen = {0: 0, 1: 0}
+    for row, response in stream_batch_generate(model, tokenizer, [PROMPT, PROMPT[::-1]], [20, 6],
+                                               eos_token_ids=[], wanted=lambda r: r not in gone):
+        seen[row] += 1
+        if row == 0 and seen[0] == 3:
+            gone.add(0)
+    assert seen == {0: 3, 1: 6}
+    # the batch stopped once its last row ended: prefill, then one call per step to the 6th
+    assert model_calls == [len(PROMPT)] + [1] * 6
+
+
+# --- continuous batching: rows joining and leaving between steps ------------------------------
+
+def alone(model, prompt, count) -> tuple:
+    """(tokens, last logprobs) of `prompt` decoded by itself, greedy."""
+    steps = list(generate_step(model, mx.array(prompt), model.make_cache(), max_tokens=count))
+    return [int(s.tokens[0]) for s in steps], np.array(steps[-1].logprobs[0])
+
+
+JOINS = {  # step: what happens before it
+    0: [("join", "a")],
+    2: [("join", "b")],  # shorter than the batch: padded in
+    4: [("join", "c")],  # longer: the batch is padded
+    7: [("leave", "a"), ("join", "d")],
+    9: [("leave", "c")],  # the batch's longest row leaves: its leading slots go
+    10: [("join", "e")],
+}
+PROMPTS = {"a": PROMPT, "b": PROMPT[:2], "c": list(range(3, 40)), "d": [7] * 5, "e": PROMPT[::-1]}
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(use_qk_norm=True, rope_traditional=True),
+    dict(nope_layers=[1], attn_temperature_tuning=True, floor_scale=4.0, attn_scale=0.5),
+], ids=["llama", "r1-like", "nope-temperature"])
+def test_rows_that_join_and_leave_compute_what_they_would_alone(tokenizer, overrides):
+    model = tiny_model(tokenizer.vocab_size, seed=4, **overrides)
+    batch, live, got, last = DecodeBatch(model), [], {}, {}
+    for t in range(14):
+        for action, name in JOINS.get(t, []):
+            if action == "join":
+                first = batch.join(PROMPTS[name])
+                got[name], last[name] = [int(first.tokens[0])], np.array(first.logprobs[0])
+                live.append(name)
+            else:
+                leaving = live.index(name)
+                batch.keep([row for row in range(len(live)) if row != leaving])
+                live.remove(name)
+        step = batch.step()
+        for row, name in enumerate(live):
+            got[name].append(int(step.tokens[row]))
+            last[name] = np.array(step.logprobs[row])
+    assert batch.cache[0].offset < len(PROMPTS["c"])  # compacted once c had left
+    for name, tokens in got.items():
+        expected, logprobs = alone(model, PROMPTS[name], len(tokens))
+        assert tokens == expected, name
+        np.testing.assert_allclose(last[name], logprobs, atol=1e-4)
+
+
+def test_a_bounded_cache_takes_no_joining_rows(model):
+    batch = DecodeBatch(model)
+    batch.start(mx.array([PROMPT]), model.make_cache(max_kv_size=16))
+    with pytest.raises(ValueError, match="bounded"):
+        batch.join(PROMPT)

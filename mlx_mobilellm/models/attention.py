@@ -90,14 +90,14 @@ class MultiHeadAttention(nn.Module):
 
         if self.use_qk_norm:
             q, k = self._qk_norm(q, "q_norm"), self._qk_norm(k, "k_norm")
-        offset = cache.offset if cache is not None else 0
+        offset = cache.rope_offset if cache is not None else 0  # an int, or one per row
         if self.rope is not None:
             q, k = self.rope(q, offset), self.rope(k, offset)
         if self.temperature is not None:
             attn_scale, floor_scale = self.temperature
-            positions = mx.arange(offset, offset + length, dtype=mx.float32)
+            positions = mx.arange(length, dtype=mx.float32) + mx.array(offset).reshape(-1, 1)
             factor = 1 + attn_scale * mx.log1p(mx.floor((positions + 1) / floor_scale))
-            q = q * factor[:, None].astype(q.dtype)
+            q = q * factor[:, None, :, None].astype(q.dtype)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 

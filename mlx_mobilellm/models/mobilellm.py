@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..cache import KVCache, RotatingKVCache
-from ..generate import generate_step
+from ..decode import generate_step
 from ..quantization import QUANTIZED_LAYERS
 from ..sampling import check_seed, make_sampler
 from .config import MobileLLMConfig, as_id_list
