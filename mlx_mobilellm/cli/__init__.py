@@ -14,7 +14,7 @@ from .running import ArgumentParser, flag_namer, run_reporting_errors
 def _commands() -> list:
     """(name, help, add_arguments, run, aliases): `aliases` maps the library parameters that the
     command's flags set under other names (export's mlx_path is its --model)."""
-    from . import convert, fuse, generate, lora
+    from . import convert, fuse, generate, lora, server
 
     return [
         ("generate", "stream text from a model", generate.add_generate_arguments,
@@ -29,6 +29,8 @@ def _commands() -> list:
          lora.add_lora_arguments, lora.run_lora, lora.PARAMETER_ALIASES),
         ("fuse", "merge adapters into the weights → an MLX model folder (and a Hugging Face one)",
          fuse.add_fuse_arguments, fuse.run_fuse, {}),
+        ("server", "an OpenAI-compatible HTTP server (chat and text completions)",
+         server.add_server_arguments, server.run_server, {}),
     ]
 
 

@@ -99,7 +99,7 @@ def load_for_generation(spec, dtype, adapter_path=None):
 TOKENIZER_PROBE = "Hello world! 1234 café 你好 🦙 <|im_end|>"
 
 
-def _load_models(args):
+def load_models(args):
     """(model, tokenizer, draft model or None)."""
     from ..generate import check_draft_model
 
@@ -157,7 +157,7 @@ def run_generate(args) -> None:
 
     _check_values(args)
     prompt = _read_prompt(args)
-    model, tokenizer, draft = _load_models(args)
+    model, tokenizer, draft = load_models(args)
     if tokenizer.chat_template and not args.ignore_chat_template:
         prompt = tokenizer.apply_chat_template(_messages(args.system, prompt))
     response = None
@@ -204,7 +204,7 @@ def run_chat(args) -> None:
     _check_values(args)
     if sys.stdin is None:
         raise _stdin_is_closed("chat")
-    model, tokenizer, draft = _load_models(args)
+    model, tokenizer, draft = load_models(args)
     if args.seed is not None:
         import mlx.core as mx
 
