@@ -1,4 +1,4 @@
-"""Constrained decoding to JSON (mlx_mobilellm/constrained.py): the automaton character by
+"""Constrained decoding to JSON (mlx_mobilellm/constrained/): the automaton character by
 character, the schema subset check_schema accepts and refuses, the token-level mask against a
 token-by-token reading, and generation by tiny random models through real tokenizers (a BPE
 trained here, SentencePiece, the demo model's 49152-token GGUF vocabulary) whose output must
@@ -300,7 +300,7 @@ def test_inside_a_string_whole_characters_only(tokenizers):
 def test_mask_equals_reading_each_token(tokenizers, kind):
     """The trie walk (with its shortcut inside strings) allows exactly the tokens whose text
     the automaton takes, checked token by token along random paths."""
-    from mlx_mobilellm.constrained import _run
+    from mlx_mobilellm.constrained.automaton import run
 
     tokenizer = tokenizers[kind]
     schema = {"type": "object", "required": ["k"], "properties": {
@@ -319,7 +319,7 @@ def test_mask_equals_reading_each_token(tokenizers, kind):
             mask = np.isfinite(np.array(processor(mx.array(history),
                                                   mx.zeros((1, table.vocab_size)))[0]))
             state = list(processor.state)
-            expected = np.array([t is not None and bool(_run(state, t)) for t in table.text_of])
+            expected = np.array([t is not None and bool(run(state, t)) for t in table.text_of])
             expected[processor.eos] = processor.complete
             assert (mask == expected).all(), tokenizer.decode(history[1:])
             steps += 1
