@@ -87,29 +87,45 @@ class KVCache:
         rows = self.keys.shape[0]
         return mx.zeros((rows,), mx.int32) if self.left_padding is None else self.left_padding
 
+    def _lay_out(self, rows: int, length: int, pieces) -> None:
+        """New storage for `rows` x `length` positions, with room to grow (one copy now, none
+        at the next token), holding each (row slice, slot slice, keys, values) of `pieces`."""
+        like_k, like_v = self.state
+        capacity = self._capacity_for(length + 1)
+        keys = mx.zeros((rows, like_k.shape[1], capacity, like_k.shape[3]), like_k.dtype)
+        values = mx.zeros((rows, like_v.shape[1], capacity, like_v.shape[3]), like_v.dtype)
+        for row_slice, slot_slice, piece_k, piece_v in pieces:
+            keys[row_slice, :, slot_slice, :] = piece_k
+            values[row_slice, :, slot_slice, :] = piece_v
+        self.keys, self.values, self.offset = keys, values, length
+
     def pad_left(self, count: int) -> None:
         """Put `count` empty slots before every row, keeping each row's positions."""
         padding = self._padding() + count
-        self.state = tuple(mx.concatenate([mx.zeros((*a.shape[:2], count, a.shape[3]), a.dtype), a],
-                                          axis=2) for a in self.state)
+        rows, length = self.keys.shape[0], self.offset
+        self._lay_out(rows, length + count,
+                      [(slice(None), slice(count, count + length), *self.state)])
         self.left_padding = padding
 
     def stack(self, other: "KVCache") -> None:
         """Append the rows of `other`, which ends at the same offset."""
         padding = mx.concatenate([self._padding(), other._padding()])
-        self.state = tuple(mx.concatenate([mine, theirs]) for mine, theirs in
-                           zip(self.state, other.state))
+        mine, theirs = self.keys.shape[0], other.keys.shape[0]
+        self._lay_out(mine + theirs, self.offset,
+                      [(slice(0, mine), slice(0, self.offset), *self.state),
+                       (slice(mine, None), slice(0, self.offset), *other.state)])
         self.left_padding = padding
 
     def take_rows(self, rows: mx.array) -> None:
         padding = self._padding()[rows]
-        self.state = tuple(a[rows] for a in self.state)
+        self.keys, self.values = self.keys[rows], self.values[rows]  # capacity kept
         self.left_padding = padding
 
     def drop_leading(self, count: int) -> None:
         """Forget the first `count` slots (padding in every row), keeping each row's positions."""
         padding = self._padding() - count
-        self.state = tuple(a[..., count:, :] for a in self.state)
+        self.keys, self.values = self.keys[..., count:, :], self.values[..., count:, :]
+        self.offset -= count
         self.left_padding = padding
 
 

@@ -9,9 +9,10 @@ choose).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import RotatingKVCache
 from .sampling import LogitsProcessor, Sampler, make_sampler
@@ -78,9 +79,9 @@ class DecodeBatch:
     """Rows decoding together. Each row's latest token (`tokens`) is fed at the next step;
     `mask` (rows, cached positions) marks each row's padding, None when there is none.
 
-    Rows may join between steps (the server's continuous batching): a joining prompt is
-    prefilled alone, then its cache is stacked under the others', the shorter side padded on
-    the left so that every row ends at the same slot. RoPE takes each row's own position (the
+    Rows may join between steps (the server's continuous batching): joining prompts are
+    prefilled together, then their cache is stacked under the others', the shorter side padded
+    on the left so that every row ends at the same slot. RoPE takes each row's own position (the
     cache's left_padding), so a joined row computes what it would alone. Rows leave between
     steps too (keep).
     """
@@ -93,6 +94,9 @@ class DecodeBatch:
         self.key = key
         self.cache: Optional[list] = None
         self.mask: Optional[mx.array] = None
+        self.first_slots: List[int] = []
+        """Each row's first slot that is not padding, known on the host: reading it off the
+        mask would wait for the step being computed."""
         self.tokens: Optional[mx.array] = None
         self.histories: list = []
         """Each row's 1-D ids as the processors see them (kept only when there are any)."""
@@ -110,13 +114,18 @@ class DecodeBatch:
             self.histories = [mx.concatenate([h, t]) for h, t in zip(histories, step.tokens[:, None])]
         return step
 
-    def start(self, prompt: mx.array, cache: list, attention_mask: Optional[mx.array] = None,
+    def start(self, prompt: mx.array, cache: list, attention_mask=None,
               histories: Optional[Sequence[mx.array]] = None) -> Step:
         """The first rows: `prompt` (rows, seq), ids not yet in `cache` (which may hold their
         common prefix already). attention_mask: (rows, cached + seq), 1 for tokens, 0 for
         left padding. histories: what the processors see of each row, default its prompt."""
         self.cache = cache
-        self.mask = None if attention_mask is None else mx.array(attention_mask).astype(mx.int32)
+        if attention_mask is None:
+            self.mask, self.first_slots = None, [0] * prompt.shape[0]
+        else:
+            padding = np.asarray(attention_mask)
+            self.mask = mx.array(padding).astype(mx.int32)
+            self.first_slots = np.argmax(padding != 0, axis=1).tolist()
         histories = list(prompt if histories is None else histories) if self.processors else []
         step = self._choose(prefill(self.model, prompt, cache, self.mask), histories)
         self.tokens = step.tokens
@@ -131,30 +140,42 @@ class DecodeBatch:
         self.tokens = step.tokens
         return step
 
-    def join(self, prompt: Sequence[int]) -> Step:
-        """Add a row for `prompt` (its ids); its first token, a Step of one row."""
-        if self.rows == 0:
-            return self.start(mx.array([list(prompt)], dtype=mx.int32), self.model.make_cache())
-        if any(isinstance(layer, RotatingKVCache) for layer in self.cache):
+    def join(self, prompts: Sequence[Sequence[int]]) -> Step:
+        """Add a row for each prompt (its ids): their first tokens, a Step of len(prompts)
+        rows, prefilled in one batch of their own."""
+        if self.cache is not None and any(isinstance(c, RotatingKVCache) for c in self.cache):
             raise ValueError("rows cannot join a batch whose KV cache is bounded (rotating)")
-        ids = mx.array([list(prompt)], dtype=mx.int32)
+        width = max(len(prompt) for prompt in prompts)
+        pads = [width - len(prompt) for prompt in prompts]
+        ids = mx.array([[0] * pad + list(prompt) for pad, prompt in zip(pads, prompts)],
+                       dtype=mx.int32)
+        mask = mx.array([[0] * pad + [1] * (width - pad) for pad in pads], dtype=mx.int32)
         cache = self.model.make_cache()
+        for layer in cache:  # every joining row's positions start at 0, as alone
+            layer.left_padding = mx.array(pads, dtype=mx.int32)
         others = self.histories
-        first = self._choose(prefill(self.model, ids, cache), [ids[0]] if self.processors else [])
+        first = self._choose(prefill(self.model, ids, cache, mask if any(pads) else None),
+                             list(ids) if self.processors else [])
         self.histories = others + self.histories
-        new, cached = len(prompt), self.cache[0].offset
+        if self.rows == 0:
+            self.cache, self.tokens, self.first_slots = cache, first.tokens, pads
+            self.mask = mask if any(pads) else None
+            return first
+        cached = self.cache[0].offset
         old_mask = self.mask if self.mask is not None else mx.ones((self.rows, cached), mx.int32)
-        new_mask = mx.ones((1, new), mx.int32)
-        if new < cached:
-            _pad_left(cache, cached - new)
-            new_mask = mx.concatenate([mx.zeros((1, cached - new), mx.int32), new_mask], axis=1)
-        elif new > cached:
-            _pad_left(self.cache, new - cached)
-            old_mask = mx.concatenate([mx.zeros((self.rows, new - cached), mx.int32), old_mask],
+        if width < cached:
+            _pad_left(cache, cached - width)
+            mask = mx.concatenate([mx.zeros((len(pads), cached - width), mx.int32), mask], axis=1)
+            pads = [pad + cached - width for pad in pads]
+        elif width > cached:
+            _pad_left(self.cache, width - cached)
+            old_mask = mx.concatenate([mx.zeros((self.rows, width - cached), mx.int32), old_mask],
                                       axis=1)
+            self.first_slots = [slot + width - cached for slot in self.first_slots]
         for layer, joining in zip(self.cache, cache):
             layer.stack(joining)
-        self.mask = mx.concatenate([old_mask, new_mask])
+        self.mask = mx.concatenate([old_mask, mask])
+        self.first_slots += pads
         self.tokens = mx.concatenate([self.tokens, first.tokens])
         return first
 
@@ -163,21 +184,23 @@ class DecodeBatch:
         every row kept are dropped from the cache too, so a long-lived batch stays compact."""
         if not rows:
             self.cache = self.mask = self.tokens = None
-            self.histories = []
+            self.first_slots, self.histories = [], []
             return
         index = mx.array(list(rows), dtype=mx.int32)
         for layer in self.cache:
             layer.take_rows(index)
         self.tokens = self.tokens[index]
         self.histories = [self.histories[row] for row in rows] if self.processors else []
+        self.first_slots = [self.first_slots[row] for row in rows]
         if self.mask is None:
             return
         self.mask = self.mask[index]
-        unused = int(mx.argmax(self.mask, axis=1).min().item())  # the first token of any row
+        unused = min(self.first_slots)
         if unused:
             for layer in self.cache:
                 layer.drop_leading(unused)
             self.mask = self.mask[:, unused:]
+            self.first_slots = [slot - unused for slot in self.first_slots]
 
 
 def _pad_left(cache: list, count: int) -> None:

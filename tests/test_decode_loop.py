@@ -251,15 +251,16 @@ def alone(model, prompt, count) -> tuple:
     return [int(s.tokens[0]) for s in steps], np.array(steps[-1].logprobs[0])
 
 
-JOINS = {  # step: what happens before it
-    0: [("join", "a")],
-    2: [("join", "b")],  # shorter than the batch: padded in
-    4: [("join", "c")],  # longer: the batch is padded
-    7: [("leave", "a"), ("join", "d")],
+JOINS = {  # step: who joins (together, in one prefill) or leaves before it
+    0: [("join", ["a", "g"])],  # into an empty batch, of two lengths
+    2: [("join", ["b"])],  # shorter than the batch: padded in
+    4: [("join", ["c", "f"])],  # one longer (the batch is padded), one shorter
+    7: [("leave", "a"), ("join", ["d"])],
     9: [("leave", "c")],  # the batch's longest row leaves: its leading slots go
-    10: [("join", "e")],
+    10: [("leave", "g"), ("join", ["e"])],
 }
-PROMPTS = {"a": PROMPT, "b": PROMPT[:2], "c": list(range(3, 40)), "d": [7] * 5, "e": PROMPT[::-1]}
+PROMPTS = {"a": PROMPT, "b": PROMPT[:2], "c": list(range(3, 40)), "d": [7] * 5,
+           "e": PROMPT[::-1], "f": [11, 12, 13], "g": PROMPT[:5]}
 
 
 @pytest.mark.parametrize("overrides", [
@@ -272,9 +273,11 @@ def test_rows_that_join_and_leave_compute_what_they_would_alone(tokenizer, overr
     for t in range(14):
         for action, name in JOINS.get(t, []):
             if action == "join":
-                first = batch.join(PROMPTS[name])
-                got[name], last[name] = [int(first.tokens[0])], np.array(first.logprobs[0])
-                live.append(name)
+                first = batch.join([PROMPTS[n] for n in name])
+                for row, joined in enumerate(name):
+                    got[joined] = [int(first.tokens[row])]
+                    last[joined] = np.array(first.logprobs[row])
+                live += name
             else:
                 leaving = live.index(name)
                 batch.keep([row for row in range(len(live)) if row != leaving])
@@ -294,4 +297,4 @@ def test_a_bounded_cache_takes_no_joining_rows(model):
     batch = DecodeBatch(model)
     batch.start(mx.array([PROMPT]), model.make_cache(max_kv_size=16))
     with pytest.raises(ValueError, match="bounded"):
-        batch.join(PROMPT)
+        batch.join([PROMPT])

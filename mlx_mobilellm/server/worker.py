@@ -166,9 +166,9 @@ class Worker:
             joining = self._take_compatible(first.sampling, self.max_batch - len(rows))
             if joining:  # the pooled cache becomes the batch's own
                 self.caches = [cache for cache in self.caches if cache is not pooled]
-            for job in joining:
-                rows.append(self._row(job, 0))
-                self._hand_out(rows[-1:], batch.join(job.prompt))
+            if joining:
+                rows.extend(self._row(job, 0) for job in joining)
+                self._hand_out(rows[-len(joining):], batch.join([job.prompt for job in joining]))
                 self._leave(batch, rows)
             if not rows:
                 break
