@@ -155,7 +155,8 @@ class DecodeBatch:
             layer.left_padding = mx.array(pads, dtype=mx.int32)
         others = self.histories
         first = self._choose(prefill(self.model, ids, cache, mask if any(pads) else None),
-                             list(ids) if self.processors else [])
+                             [mx.array(list(p), dtype=mx.int32) for p in prompts]
+                             if self.processors else [])
         self.histories = others + self.histories
         if self.rows == 0:
             self.cache, self.tokens, self.first_slots = cache, first.tokens, pads

@@ -265,7 +265,8 @@ PROMPTS = {"a": PROMPT, "b": PROMPT[:2], "c": list(range(3, 40)), "d": [7] * 5,
 
 @pytest.mark.parametrize("overrides", [
     {}, dict(use_qk_norm=True, rope_traditional=True),
-    dict(nope_layers=[1], attn_temperature_tuning=True, floor_scale=4.0, attn_scale=0.5),
+    dict(num_layers=3, nope_layers=[1], attn_temperature_tuning=True, floor_scale=4.0,
+         attn_scale=0.5),
 ], ids=["llama", "r1-like", "nope-temperature"])
 def test_rows_that_join_and_leave_compute_what_they_would_alone(tokenizer, overrides):
     model = tiny_model(tokenizer.vocab_size, seed=4, **overrides)

@@ -32,7 +32,8 @@ from generation_helpers import tiny_model, write_bpe_folder
 from mlx_mobilellm import load, load_tokenizer, stream_generate
 from mlx_mobilellm.server.app import create_app
 from mlx_mobilellm.server.completions import Served
-from mlx_mobilellm.server.worker import Token, Worker
+from mlx_mobilellm.server.protocol import Sampling
+from mlx_mobilellm.server.worker import Finished, Job, Token, Worker
 
 CONTEXT = 2048
 # ChatML with tools shown in the system turn and Hermes-style <tool_call> blocks, as Qwen2.5's
@@ -359,6 +360,12 @@ BAD = {
     "schema-unsupported": ({"messages": user("hi"), "response_format": {
         "type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "a+"}}}},
         400, "response_format.json_schema.schema"),
+    "stop-too-long": ({"messages": user("hi"), "stop": ["a" * 100_000]}, 422, "stop"),
+    "lone-surrogate": (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 422, "messages"),
+    "schema-too-deep": ({"messages": user("hi"), "response_format": {
+        "type": "json_schema", "json_schema": {"schema": json.loads(
+            '{"type": "array", "items": ' * 600 + '{}' + '}' * 600)}}},
+        400, "response_format.json_schema.schema"),
     "tool-not-an-object": ({"messages": user("hi"), "tools": ["get_weather"]}, 422, "tools"),
     "tool-without-a-name": ({"messages": user("hi"), "tools": [{"type": "function", "function": {}}]},
                             422, "tools"),
@@ -378,6 +385,39 @@ def test_bad_input_is_an_openai_error_and_the_server_keeps_serving(server, name)
     assert error["message"] and "\n" not in error["message"] and error["type"]
     assert error["param"] == param
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_completion_errors_name_the_prompt(server):
+    for body, status in ((b'{"prompt": "' + b"word " * 4000 + b'"}', 400),
+                         (b'{"prompt": "\\ud800"}', 422), (b'{"prompt": [1, 1000000000]}', 422)):
+        response = httpx.post(server.url + "/v1/completions", content=body, timeout=30,
+                              headers={"content-type": "application/json"})
+        assert response.status_code == status and response.json()["error"]["param"] == "prompt"
+
+
+def test_a_request_that_cannot_join_is_not_starved(loaded):
+    """Queued in this order: two batchable jobs, a seeded one, two more batchable ones. The
+    first two decode together; the seeded one runs next, before the last two, which do not
+    join the batch while it waits."""
+    model, tokenizer = loaded
+    worker, order = Worker(model, tokenizer), []
+    sampling = dict(max_tokens=None, top_p=1.0, top_k=0, min_p=0.0, stop=[],
+                    repetition_penalty=None, repetition_context_size=20, logprobs=None,
+                    stream=False, include_usage=False)
+    names = ["first", "second", "seeded", "later", "last"]
+    for name in names:
+        worker.submit(Job(prompt=tokenizer.encode(f"{name} go"), max_tokens=6,
+                          sampling=Sampling(temperature=0.5 if name == "seeded" else 0.0,
+                                            seed=3 if name == "seeded" else None, **sampling),
+                          emit=lambda event, name=name: order.append((name, event))))
+    worker.start()
+    worker.stop()
+    finished = [name for name, event in order if isinstance(event, Finished)]
+    assert sorted(finished) == sorted(names)
+    first_token = {name: next(i for i, (n, _) in enumerate(order) if n == name) for name in names}
+    seeded_done = next(i for i, (n, e) in enumerate(order) if n == "seeded" and isinstance(e, Finished))
+    assert first_token["second"] < first_token["seeded"]  # second joined first's batch
+    assert seeded_done < first_token["later"] and seeded_done < first_token["last"]
 
 
 def test_fields_the_server_does_not_know_are_ignored(client):

@@ -96,6 +96,9 @@ class MultiHeadAttention(nn.Module):
         if self.temperature is not None:
             attn_scale, floor_scale = self.temperature
             positions = mx.arange(length, dtype=mx.float32) + mx.array(offset).reshape(-1, 1)
+            # Left padding sits at negative positions; its factor would be log1p(-1) = -inf,
+            # and the NaN it makes would reach real rows through the next layer's keys.
+            positions = mx.maximum(positions, 0)
             factor = 1 + attn_scale * mx.log1p(mx.floor((positions + 1) / floor_scale))
             q = q * factor[:, None, :, None].astype(q.dtype)
         if cache is not None:

@@ -10,6 +10,7 @@ its place in the batch.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from contextlib import asynccontextmanager
 from typing import Callable, Optional
@@ -35,7 +36,8 @@ def create_app(served: Served, worker: Worker, api_key: Optional[str] = None,
     created = int(time.time())
 
     def authorised(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if api_key is not None and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                            kind="invalid_request_error", code="invalid_api_key")
 

@@ -19,6 +19,7 @@ from typing import List, Optional
 from .. import tool_calls
 from ..chat_template import ChatTemplateError
 from ..errors import CheckpointError
+from ..input_checks import check_text
 from .protocol import APIError, Fields, Sampling, read_sampling
 from .worker import Finished, Token
 
@@ -162,20 +163,29 @@ class Reply:
                 "text_offset": offsets}
 
 
-def _check_context(served: Served, prompt: List[int], sampling: Sampling) -> int:
-    """The max_tokens to run with; refuses prompts and lengths beyond the context."""
+def _check_context(served: Served, prompt: List[int], sampling: Sampling, param: str) -> int:
+    """The max_tokens to run with; refuses prompts (the field `param`) and lengths beyond the
+    context."""
     context = served.model.config.max_seq_len
     if not prompt:
-        raise APIError(400, "the prompt is empty", "prompt")
+        raise APIError(400, "the prompt is empty", param)
     if len(prompt) >= context:
         raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
-                            f"{context}", "messages", code="context_length_exceeded")
+                            f"{context}", param, code="context_length_exceeded")
     room = context - len(prompt)
     if sampling.max_tokens is not None and sampling.max_tokens > room:
         raise APIError(400, f"max_tokens {sampling.max_tokens} and the prompt's {len(prompt)} "
                             f"tokens exceed this model's context of {context}", "max_tokens",
                        code="context_length_exceeded")
     return min(sampling.max_tokens or served.default_max_tokens, room)
+
+
+def _text(text: str, param: str) -> str:
+    """Text a tokenizer takes: JSON's \\ud800 escapes give lone surrogates, which it refuses."""
+    try:
+        return check_text(text, f"'{param}'")
+    except CheckpointError as error:
+        raise APIError(422, str(error), param) from None
 
 
 def _json_processors(served: Served, fields: Fields) -> list:
@@ -200,6 +210,8 @@ def _constraint(served: Served, schema: Optional[dict], param: str):
         return constrained.json_processor(
             served.tokenizer, schema,
             eos_token_ids=[*served.tokenizer.eos_token_ids, *served.model.config.eos_token_ids])
+    except RecursionError:
+        raise APIError(400, f"{param}: the schema is nested too deeply", param) from None
     except ValueError as error:
         raise APIError(400, f"{param}: {error}", param) from None
 
@@ -220,13 +232,13 @@ def prepare_completion(served: Served, body: dict) -> tuple:
                                 "holding one of those", "prompt")
     vocab = served.model.config.vocab_size
     if isinstance(prompt, str):
-        ids = served.tokenizer.encode(prompt)
+        ids = served.tokenizer.encode(_text(prompt, "prompt"))
     else:
         ids = list(prompt)
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(422, f"'prompt' holds token ids outside the vocabulary [0, {vocab})",
                            "prompt")
-    max_tokens = _check_context(served, ids, sampling)
+    max_tokens = _check_context(served, ids, sampling, "prompt")
     reply = Reply(served, chat=False, sampling=sampling)
     return dict(prompt=ids, max_tokens=max_tokens, sampling=sampling,
                 processors=_json_processors(served, fields)), reply
@@ -319,8 +331,8 @@ def prepare_chat(served: Served, body: dict) -> tuple:
                                              **({"tools": tools} if tools else {}))
     except (ChatTemplateError, CheckpointError) as error:
         raise APIError(400, " ".join(str(error).split()), "messages") from None
-    ids = tokenizer.encode(text + prefix, add_special_tokens=False)
-    max_tokens = _check_context(served, ids, sampling)
+    ids = tokenizer.encode(_text(text + prefix, "messages"), add_special_tokens=False)
+    max_tokens = _check_context(served, ids, sampling, "messages")
     reply = Reply(served, chat=True, sampling=sampling,
                   tool_format=call_format if tools and choice != "none" else None,
                   forced_prefix=prefix, forced_suffix=suffix)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 KINDS = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
          "array": (list,), "object": (dict,)}
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+"""Characters of one stop string: each token's text is checked against every prefix of each."""
 MAX_TOP_LOGPROBS = 20
 
 
@@ -113,6 +115,9 @@ class Sampling:
         return self.seed is None and self.repetition_penalty in (None, 1.0)
 
     def batch_key(self) -> tuple:
+        """The sampler's settings; greedy ignores the filters, so all greedy requests share one."""
+        if self.temperature == 0:
+            return 0.0, 1.0, 0, 0.0
         return self.temperature, self.top_p, self.top_k, self.min_p
 
 
@@ -131,9 +136,11 @@ def read_sampling(fields: Fields, chat: bool) -> Sampling:
     if max_tokens is None:
         max_tokens = fields.get("max_tokens", "integer", None, *positive)
     stop = fields.get("stop", "string|array", [],
-                      lambda v: isinstance(v, str) or (len(v) <= MAX_STOP_STRINGS and
-                                                       all(isinstance(s, str) for s in v)),
-                      f"a string or an array of at most {MAX_STOP_STRINGS} strings")
+                      lambda v: all(isinstance(s, str) and len(s) <= MAX_STOP_LENGTH
+                                    for s in ([v] if isinstance(v, str) else v))
+                      and (isinstance(v, str) or len(v) <= MAX_STOP_STRINGS),
+                      f"a string or an array of at most {MAX_STOP_STRINGS} strings, each of at "
+                      f"most {MAX_STOP_LENGTH} characters")
     stream = fields.get("stream", "boolean", False)
     options = fields.within("stream_options")
     return Sampling(

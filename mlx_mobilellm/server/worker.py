@@ -4,10 +4,11 @@ by a FIFO queue of jobs, and handing each job's tokens back as events.
 Continuous batching: jobs that differ only in their prompts, lengths and stop strings (the
 same sampler settings, no seed, no logits processors) decode as rows of one DecodeBatch, one
 model call per step for all of them. A job that arrives while a batch runs joins it at the next
-step (its prompt is prefilled alone, then stacked in); a row leaves when it finishes or its
-client goes. Other jobs (a seed, a repetition penalty, a JSON constraint) run one at a time,
-between batches, through stream_generate. At most max_batch rows decode at once; the others
-wait in the queue, in order.
+step (the prompts joining together are prefilled as one batch, then stacked in); a row leaves
+when it finishes or its client goes. Other jobs (a seed, a repetition penalty, a JSON
+constraint; every job when the server has a draft model, for speculative decoding) run one at
+a time, between batches, through stream_generate. At most max_batch rows decode at once; a job
+that cannot join waits for the batch to drain, and no job behind it joins meanwhile.
 
 Prompt caches: a job that starts a batch (or runs alone) reuses the KV cache of the earlier
 request sharing the longest prefix with it (the previous turn of the same conversation), from
@@ -120,7 +121,7 @@ class Worker:
     def _serve(self, job: Job) -> None:
         rows: List[_Row] = []
         try:
-            if job.batchable:
+            if self._batchable(job):
                 self._batch(job, rows)
             else:
                 self._alone(job)
@@ -131,7 +132,8 @@ class Worker:
                 concerned.emit(Failed(message))
 
     def _take_compatible(self, sampling: Sampling, room: int) -> List[Job]:
-        """Queued jobs that can join a batch of these settings, at most `room`, in order."""
+        """Queued jobs that can join a batch of these settings, at most `room`, in order, up to
+        the first that cannot: that one runs next, so no job waits behind later ones."""
         while True:
             try:
                 self.backlog.append(self.jobs.get_nowait())
@@ -143,13 +145,17 @@ class Worker:
                 self.stopping = True
             elif job.cancelled.is_set():
                 continue
-            elif len(taken) < room and job.batchable and \
+            elif not left and len(taken) < room and self._batchable(job) and \
                     job.sampling.batch_key() == sampling.batch_key():
                 taken.append(job)
             else:
                 left.append(job)
         self.backlog = left
         return taken
+
+    def _batchable(self, job: Job) -> bool:
+        # With a draft model, requests run alone, decoded speculatively.
+        return job.batchable and self.draft_model is None
 
     def _batch(self, first: Job, rows: List[_Row]) -> None:
         """Decode `first` and every compatible job that comes while it runs, as one batch."""
@@ -163,15 +169,16 @@ class Worker:
         pending = None
         while True:
             self._leave(batch, rows)
+            if not rows:  # a job waiting now starts the next batch, with its prompt cache
+                break
             joining = self._take_compatible(first.sampling, self.max_batch - len(rows))
-            if joining:  # the pooled cache becomes the batch's own
-                self.caches = [cache for cache in self.caches if cache is not pooled]
             if joining:
+                self.caches = [cache for cache in self.caches if cache is not pooled]  # the batch's now
                 rows.extend(self._row(job, 0) for job in joining)
                 self._hand_out(rows[-len(joining):], batch.join([job.prompt for job in joining]))
                 self._leave(batch, rows)
-            if not rows:
-                break
+                if not rows:
+                    break
             following, covered = batch.step(), rows[:]
             mx.async_eval(following.tokens)
             if pending is not None:
