@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from convert.convert import Q_BITS, Q_GROUP_SIZES
+from convert.gguf_export import GGUF_TYPES
 
 from ..errors import CheckpointError
 from ..formats.sources import SOURCE_FORMATS
@@ -48,6 +49,9 @@ EXPORT_OPTIONS = (
            ("hf", "gguf")),
     Option("hf_path", None, "output Hugging Face folder", str),
     Option("gguf_path", None, "output .gguf file", str),
+    Option("gguf_type", None, "GGUF tensor type (norms stay F32); default: the one --dtype "
+           "names, else the folder's dtype", str, tuple(GGUF_TYPES)),
+    Option("mlx_lm_path", None, "output folder for mlx-lm (mlx_lm.load)", str),
     Option("model_type", None, "Hugging Face format to write; default: the one it was converted "
            "from", str, ("llama4_text", "llama", "mobilellm")),
     dtype_option("default: the folder's dtype"),
@@ -60,19 +64,34 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    fmt = args.format or ("gguf" if args.gguf_path and not args.hf_path else "hf")
+    out = _export(args)
+    if not args.quiet:
+        print(f"wrote {out}", file=sys.stderr)
+
+
+def _export(args: argparse.Namespace):
+    """The one output asked for: --mlx-lm-path, --gguf-path (or --format gguf), or --hf-path."""
+    if args.mlx_lm_path and (args.hf_path or args.gguf_path or args.format):
+        raise CheckpointError("--mlx-lm-path is an output of its own; give it without "
+                              "--hf-path, --gguf-path and --format")
+    fmt = "mlx_lm" if args.mlx_lm_path else (
+        args.format or ("gguf" if args.gguf_path and not args.hf_path else "hf"))
+    if args.gguf_type and fmt != "gguf":
+        raise CheckpointError("--gguf-type applies to --gguf-path; for other outputs use --dtype")
+    options = dict(dtype=args.dtype, force=args.force, quiet=args.quiet)
+    if fmt == "mlx_lm":
+        from convert.mlx_lm_export import export_mlx_lm
+
+        return export_mlx_lm(args.model, args.mlx_lm_path, model_type=args.model_type, **options)
     if fmt == "gguf":
         if not args.gguf_path:
             raise CheckpointError("--format gguf needs --gguf-path OUT.gguf")
         from convert.gguf_export import export_gguf
 
-        out = export_gguf(args.model, args.gguf_path, force=args.force, quiet=args.quiet)
-    else:
-        if not args.hf_path:
-            raise CheckpointError("export needs --hf-path OUT (or --gguf-path OUT.gguf for GGUF)")
-        from convert.export import export_hf
+        return export_gguf(args.model, args.gguf_path, gguf_type=args.gguf_type, **options)
+    if not args.hf_path:
+        raise CheckpointError("export needs --hf-path OUT (or --gguf-path OUT.gguf for GGUF, "
+                              "--mlx-lm-path OUT for mlx-lm)")
+    from convert.export import export_hf
 
-        out = export_hf(args.model, args.hf_path, model_type=args.model_type, dtype=args.dtype,
-                        force=args.force, quiet=args.quiet)
-    if not args.quiet:
-        print(f"wrote {out}", file=sys.stderr)
+    return export_hf(args.model, args.hf_path, model_type=args.model_type, **options)

@@ -1,14 +1,21 @@
-"""Reading llama.cpp GGUF files: header checks, config from metadata, tensors (kept quantized)."""
+"""Reading llama.cpp GGUF files: header checks, config from metadata, tensors (kept quantized
+where MLX has kernels for their type, dequantized to float16 by the gguf package elsewhere)."""
 
 from __future__ import annotations
 
 import math
 import mmap
 import struct
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Tuple
 
 import mlx.core as mx
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 from ..errors import CheckpointError
 from ..models.config import ConfigFieldError, MobileLLMConfig
@@ -16,18 +23,26 @@ from .names import to_ours
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Tensor types MLX loads: floats as floats, the three block quantizations as its own affine
-# quantized triplets (weight, scales, biases) with groups of 32.
+# quantized triplets (weight, scales, biases) with groups of 32. A file holding any other type
+# (K-quants, Q5_0/Q5_1, IQ*, TQ*, ...: whatever the gguf package dequantizes) is read by us
+# instead, every tensor in float: MLX's reader fails on most of those types and, seen with MLX
+# 0.32, decodes half of a Q4_K tensor's values unlike llama.cpp's reference (the gguf package,
+# which transformers uses too); one reader per file keeps a model either in the file's
+# quantization or all float, never half of each.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 GGUF_GROUP_SIZE = 32
-# GGUF value types: fixed-size scalars by type id, 8 = string, 9 = array.
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# float16, not float32: half the memory, and its rounding (2^-11 relative) is far below the
+# quantization step of any of these types; MLX's own reader dequantizes K-quants to it too.
+_DEQUANTIZED = np.float16
+_FLOATS = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: bits, viewed in MLX
+# Dequantized a slice at a time, so that the gguf package's float32 result stays small.
+_DEQUANTIZE_CHUNK_VALUES = 1 << 22
+# GGUF value types: fixed-size scalars by type id (struct formats), 8 = string, 9 = array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _UINT32, _STRING, _ARRAY, _FLOAT64 = 4, 8, 9, 12
-# ggml tensor type ids → names, for the types we accept and the common ones we refuse.
-_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
-                 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
-# (bytes per block, values per block) of the supported types, to find where each tensor ends.
-_BLOCK = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q4_0": (18, 32), "Q4_1": (20, 32),
-          "Q8_0": (34, 32)}
+# (bytes per block, values per block) of every ggml type, to find where each tensor ends.
+_BLOCK = {kind.name: (type_bytes, block_values)
+          for kind, (block_values, type_bytes) in GGML_QUANT_SIZES.items()}
 # Smallest encodings: a metadata entry is a key length, a key byte and a value type; a
 # tensor record a name length, a name byte, a rank, one dimension, a type and an offset.
 _MIN_KV_BYTES = 8 + 1 + 4
@@ -76,8 +91,8 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.unpack("<Q"))).decode("utf-8", errors="replace")
 
-    def skip_value(self, kind: int, key: str) -> None:
-        """Step over the value of metadata entry `key`."""
+    def value(self, kind: int, key: str):
+        """The value of metadata entry `key` as Python values (an array as a list)."""
         if kind == _ARRAY:
             kind, count = self.unpack("<I"), self.unpack("<Q")
             if kind == _ARRAY:
@@ -89,13 +104,14 @@ class _Cursor:
             # MLX's GGUF reader crashes the process on float64 values, scalar or array.
             raise CheckpointError(f"{self.where}: metadata '{key:.80}' holds float64 values, which "
                                   "MLX cannot read; write it as float32")
-        if kind in _SCALAR_BYTES:
-            self.take(_SCALAR_BYTES[kind] * (1 if count is None else count))
+        if kind in _SCALARS:
+            fmt = f"<{1 if count is None else count}{_SCALARS[kind]}"
+            values = list(struct.unpack(fmt, self.take(struct.calcsize(fmt))))
         elif kind == _STRING:
-            for _ in range(1 if count is None else count):  # each takes 8 bytes at least
-                self.take(self.unpack("<Q"))
+            values = [self.string() for _ in range(1 if count is None else count)]  # 8+ bytes each
         else:
             raise self.corrupt(f"metadata '{key:.80}' has unknown value type {kind}")
+        return values[0] if count is None else values
 
 
 def _tensor_bytes(dims: list, kind: str) -> int:
@@ -113,19 +129,33 @@ def _alignment(cursor: _Cursor, kind: int) -> int:
     return alignment
 
 
-def _skip_metadata(cursor: _Cursor, entries: int) -> int:
-    """Walk the metadata entries; the alignment they set."""
-    alignment, keys = _DEFAULT_ALIGNMENT, set()
+def _read_metadata(cursor: _Cursor, entries: int) -> Tuple[dict, int]:
+    """The metadata entries, and the alignment they set."""
+    metadata, alignment = {}, _DEFAULT_ALIGNMENT
     for _ in range(entries):
         key, kind = cursor.string(), cursor.unpack("<I")
-        if key in keys:
+        if key in metadata:
             raise cursor.corrupt(f"metadata key '{key:.80}' appears twice")
-        keys.add(key)
         if key == "general.alignment":
-            alignment = _alignment(cursor, kind)
+            alignment = metadata[key] = _alignment(cursor, kind)
         else:
-            cursor.skip_value(kind, key)
-    return alignment
+            metadata[key] = cursor.value(kind, key)
+    return metadata, alignment
+
+
+@lru_cache(maxsize=None)
+def _dequantizable(kind: str) -> bool:
+    """Whether the installed gguf package dequantizes tensor type `kind` (releases differ)."""
+    qtype = GGMLQuantizationType[kind]
+    try:
+        dequantize(np.zeros((1, _BLOCK[kind][0]), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _readable(kind: str) -> bool:
+    return kind in SUPPORTED_TYPES or (kind in _BLOCK and _dequantizable(kind))
 
 
 def _tensor_record(cursor: _Cursor) -> tuple:
@@ -135,12 +165,17 @@ def _tensor_record(cursor: _Cursor) -> tuple:
         raise cursor.corrupt(f"tensor '{name:.80}' claims {rank} dimensions")
     dims = [cursor.unpack("<Q") for _ in range(rank)]
     type_id, offset = cursor.unpack("<I"), cursor.unpack("<Q")
-    kind = _TENSOR_TYPES.get(type_id, f"ggml type {type_id}")
-    if kind not in SUPPORTED_TYPES:  # refused here, because where its data ends is unknown
+    try:
+        kind = GGMLQuantizationType(type_id).name
+    except ValueError:
+        kind = f"ggml type {type_id}"
+    if not _readable(kind):  # refused here: what it holds, or where its data ends, is unknown
+        others = [k for k in _BLOCK if k not in SUPPORTED_TYPES and _readable(k)]
         raise CheckpointError(
-            f"{cursor.where}: tensor '{name:.80}' is {kind}; supported types: "
-            f"{', '.join(SUPPORTED_TYPES)} (re-quantize the source with one of them, e.g. "
-            "llama-quantize ... Q8_0)")
+            f"{cursor.where}: tensor '{name:.80}' is {kind}, which neither MLX reads nor the "
+            f"installed gguf package dequantizes; supported types: {', '.join(SUPPORTED_TYPES)} "
+            f"and, dequantized, {', '.join(others)} (re-quantize the source with one of them, "
+            "e.g. llama-quantize ... Q8_0, or upgrade the gguf package)")
     if not all(1 <= d <= _MAX_DIMENSION for d in dims) or dims[0] % _BLOCK[kind][1]:
         raise cursor.corrupt(f"tensor '{name:.80}' claims dimensions {dims} for type {kind}")
     return name, dims, kind, offset
@@ -165,7 +200,19 @@ def _check_tensor_data(records: list, data_start: int, alignment: int, file_size
         previous, previous_end = name, end
 
 
-def _walk(cursor: _Cursor, file_size: int) -> dict:
+@dataclass
+class GGUFHeader:
+    metadata: dict
+    tensors: list
+    """(name, dimensions as GGUF orders them, type name, offset) of each tensor."""
+    data_start: int
+
+    @property
+    def types(self) -> dict:
+        return {name: kind for name, _, kind, _ in self.tensors}
+
+
+def _walk(cursor: _Cursor, file_size: int) -> GGUFHeader:
     where = cursor.where
     if bytes(cursor.take(4)) != b"GGUF":
         raise CheckpointError(f"{where}: not a GGUF file (bad magic)")
@@ -177,22 +224,22 @@ def _walk(cursor: _Cursor, file_size: int) -> dict:
         raise CheckpointError(
             f"{where}: header claims {tensors} tensors and {entries} metadata entries, more than "
             f"its {file_size} bytes can hold: the file is truncated or corrupt")
-    alignment = _skip_metadata(cursor, entries)
+    metadata, alignment = _read_metadata(cursor, entries)
     records = [_tensor_record(cursor) for _ in range(tensors)]
-    types = {}
-    for name, _, kind, _ in records:
-        if name in types:
+    names = set()
+    for name, _, _, _ in records:
+        if name in names:
             raise CheckpointError(f"{where}: tensor '{name}' is listed twice: the file is corrupt")
-        types[name] = kind
+        names.add(name)
     data_start = -(-cursor.at // alignment) * alignment
     _check_tensor_data(records, data_start, alignment, file_size, where)
-    return types
+    return GGUFHeader(metadata, records, data_start)
 
 
-def check_gguf_structure(path: Path) -> dict:
+def read_header(path: Path) -> GGUFHeader:
     """Walk the whole header — every metadata entry and tensor record, each read checked
-    against the file's size — and return {tensor name: type name}. MLX's own GGUF reader
-    crashes the process on a malformed header, so nothing reaches it unchecked."""
+    against the file's size — before any tensor is read. MLX's own GGUF reader crashes the
+    process on a malformed header, so nothing reaches it unchecked."""
     try:
         with path.open("rb") as f:
             if path.stat().st_size == 0:
@@ -207,21 +254,10 @@ def check_gguf_structure(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read it ({error.strerror})") from None
 
 
-def _plain(value):
-    """MLX returns numeric metadata as arrays; the rest of the code wants Python values."""
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
-
-
 def read_metadata(path: Path) -> Tuple[dict, dict]:
     """({metadata key: Python value}, {tensor name: type name}), the structure checked first."""
-    types = check_gguf_structure(path)
-    try:
-        _, metadata = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as error:  # how MLX reports what it cannot read
-        raise CheckpointError(f"{path}: cannot read GGUF ({error})") from None
-    return {key: _plain(value) for key, value in metadata.items()}, types
+    header = read_header(path)
+    return header.metadata, header.types
 
 
 def _rope_scaling(meta: dict, arch: str, where: str):
@@ -270,15 +306,64 @@ def config_from_gguf(meta: dict, has_output: bool, where: str) -> MobileLLMConfi
         raise CheckpointError(f"{where}: {error}") from None
 
 
-def read_gguf(path: Path):
-    """(config, weights under our names, quantization block or None, metadata)."""
+def _dequantized(raw: np.ndarray, dims: list, kind: str, name: str, where: str) -> np.ndarray:
+    """A block-quantized tensor's bytes as _DEQUANTIZED rows of dims[0] values."""
+    qtype, width = GGMLQuantizationType[kind], dims[0]
+    rows = raw.reshape(-1, width // _BLOCK[kind][1] * _BLOCK[kind][0])
+    out = np.empty((len(rows), width), _DEQUANTIZED)
+    step = max(1, _DEQUANTIZE_CHUNK_VALUES // width)
+    for start in range(0, len(rows), step):
+        with np.errstate(all="ignore"):  # what a corrupt scale gives is reported below
+            out[start : start + step] = dequantize(rows[start : start + step], qtype)
+        if not np.isfinite(out[start : start + step]).all():
+            raise CheckpointError(f"{where}: tensor '{name}' ({kind}) dequantizes to values that "
+                                  f"are not finite in {out.dtype}: the file is corrupt")
+    return out
+
+
+def _read_in_float(path: Path, header: GGUFHeader) -> dict:
+    """Every tensor of the file from its bytes (at the offsets the header check vetted):
+    floats as stored, block-quantized ones dequantized by the gguf package."""
+    tensors = {}
+    with path.open("rb") as f:
+        for name, dims, kind, offset in header.tensors:
+            size = _tensor_bytes(dims, kind)
+            f.seek(header.data_start + offset)
+            raw = np.frombuffer(f.read(size), np.uint8)
+            if len(raw) != size:  # shortened since the header check
+                raise CheckpointError(f"{path}: tensor '{name}' runs past the end of the file: "
+                                      "the file is truncated")
+            if kind in _FLOATS:
+                array = mx.array(raw.view(_FLOATS[kind]))
+                array = array.view(mx.bfloat16) if kind == "BF16" else array
+            else:
+                array = mx.array(_dequantized(raw, dims, kind, name, str(path)))
+            tensors[name] = array.reshape(dims[::-1])  # GGUF lists the innermost dimension first
+    return tensors
+
+
+def read_gguf(path: Path, quiet: bool = False):
+    """(config, weights under our names, quantization block or None, metadata). Unless quiet,
+    one line on stderr says which tensors were dequantized, if any were."""
     where = str(path)
-    meta, types = read_metadata(path)
+    header = read_header(path)
+    meta, types = header.metadata, header.types
     config = config_from_gguf(meta, "output.weight" in types, where)
-    try:
-        tensors = mx.load(where)
-    except (RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{where}: cannot read GGUF tensors ({error})") from None
+    if all(kind in SUPPORTED_TYPES for kind in types.values()):
+        try:
+            tensors = mx.load(where)
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{where}: cannot read GGUF tensors ({error})") from None
+    else:
+        try:
+            tensors = _read_in_float(path, header)
+        except OSError as error:
+            raise CheckpointError(f"{where}: cannot read it ({error.strerror})") from None
+        quantized = [kind for kind in types.values() if kind not in _FLOATS]
+        if not quiet:  # the model is several times larger than the file: say why, and the cure
+            print(f"{where}: {len(quantized)} tensors in {'/'.join(sorted(set(quantized)))} "
+                  f"dequantized to {np.dtype(_DEQUANTIZED).name} (MLX has no kernels for some "
+                  "of these types); `mlx-mobilellm convert -q` re-quantizes them", file=sys.stderr)
     weights = {}
     for name, array in tensors.items():
         ours = to_ours(name, "gguf")

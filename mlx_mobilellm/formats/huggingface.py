@@ -38,13 +38,20 @@ def _weights(files: list, source: str) -> dict:
 def read_hf_checkpoint(folder: Path, files: Optional[list] = None) -> Tuple[MobileLLMConfig, str, dict]:
     """(config, source model_type, weights under our names, lazily loaded) of a Hugging Face
     folder; `files` picks the safetensors files (default: the folder's)."""
-    where = str(folder / "config.json")
     hf = read_json(folder / "config.json")
-    source = hf_model_type(hf, where)
-    weights = _weights(files or safetensors_files(folder), source)
+    source = hf_model_type(hf, str(folder / "config.json"))
+    config, weights = read_weights(folder, hf, files, source)
+    return config, source, weights
+
+
+def read_weights(folder: Path, hf: dict, files: Optional[list], names: str) -> Tuple[MobileLLMConfig, dict]:
+    """(config, weights under our names) for the Hugging Face config `hf` of `folder`, its
+    tensors named as names.NAME_TABLES[names] says."""
+    where = str(folder / "config.json")
+    weights = _weights(files or safetensors_files(folder), names)
     # Before the config is read: reading it counts to the layer count (no_rope_layers).
     check_layer_count(hf.get("num_hidden_layers"), weights, where, "num_hidden_layers")
     config = config_from_hf(hf, where)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # some exporters write the tied head too; it is the embedding
-    return config, source, weights
+    return config, weights

@@ -51,6 +51,11 @@ NAME_TABLES = {
     "llama": _hf_table("mlp"),
     "mobilellm": _hf_table("mlp"),  # original MobileLLM: Llama names
     "gguf": _GGUF_TABLE,
+    # Folders written by mlx-lm (mlx_lm.convert, mlx-community): Hugging Face names, but for
+    # llama4_text mlx-lm calls the untied head `output` (its Model attribute).
+    "mlx_lm.llama": _hf_table("mlp"),
+    "mlx_lm.llama4_text": [(("output", ours) if ours == "lm_head" else (src, ours))
+                           for src, ours in _hf_table("feed_forward")],
 }
 
 LEAVES = ("weight", "scales", "biases")

@@ -6,8 +6,11 @@ Formats (detected from the path, config.json and tensor names; `source_format` f
   mobilellm        original MobileLLM (MobileLLMForCausalLM: share_embedding, layer_sharing)
   cheapertraining  a PyTorch state dict saved as safetensors with our parameter names, beside
                    a config.json of MobileLLMConfig fields (the seed's names)
-  gguf             llama.cpp GGUF, Llama architecture (F32/F16/BF16/Q4_0/Q4_1/Q8_0)
+  gguf             llama.cpp GGUF, Llama architecture (F32/F16/BF16/Q4_0/Q4_1/Q8_0 as they
+                   are; files with K-quants and the other types the gguf package reads, in float)
   mlx              a model folder written by this project (re-convert: dtype, quantization)
+  mlx_lm           a folder written by mlx-lm (mlx_lm.convert, mlx-community) of llama or
+                   llama4_text, float or quantized (formats/mlx_lm_folder.py)
 Inputs: a folder, a single .safetensors file (config.json beside it), a .gguf file, or a
 Hugging Face hub repo id (downloaded with huggingface_hub, only the files needed).
 """
@@ -25,12 +28,13 @@ from ..models.mobilellm import MobileLLM
 from .gguf_file import gguf_key, read_gguf
 from .hf_config import SUPPORTED_MODEL_TYPES, hf_field
 from .huggingface import read_hf_checkpoint, read_json
+from .mlx_lm_folder import is_mlx_lm_folder, names_key, read_mlx_lm_folder
 from .model_folder import CONFIG_FILE, is_model_folder, quantize_like, split_folder_config
 from .names import NAME_TABLES, from_ours
 from .safetensors_files import read_tensors, safetensors_files
 from .validation import check_sizes, check_weights
 
-SOURCE_FORMATS = SUPPORTED_MODEL_TYPES + ("cheapertraining", "gguf", "mlx")
+SOURCE_FORMATS = SUPPORTED_MODEL_TYPES + ("cheapertraining", "gguf", "mlx", "mlx_lm")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -48,7 +52,8 @@ class Checkpoint:
     """The folder holding tokenizer files, if any."""
     gguf_metadata: Optional[dict] = None
     original_format: Optional[str] = None
-    """For an MLX folder, the format it was converted from."""
+    """For an MLX folder, the format it was converted from; for an mlx-lm folder, its
+    model_type."""
 
     @property
     def export_format(self) -> str:
@@ -58,6 +63,8 @@ class Checkpoint:
 
     def source_name(self, ours: str) -> str:
         """How the checkpoint itself names one of our tensors (for error messages)."""
+        if self.source_format == "mlx_lm":
+            return from_ours(ours, names_key(self.original_format)) or ours
         if self.source_format in NAME_TABLES:
             return from_ours(ours, self.source_format) or ours
         return ours
@@ -76,6 +83,8 @@ class Checkpoint:
             return gguf_key(ours)
         if self.source_format in SUPPORTED_MODEL_TYPES:
             return hf_field(ours, self.source_format)
+        if self.source_format == "mlx_lm":
+            return hf_field(ours, self.original_format)
         return ours
 
 
@@ -138,14 +147,20 @@ def _open(spec, source_format: Optional[str], quiet: bool) -> Checkpoint:
         raise CheckpointError(f"source format {source_format!r} is not one of {', '.join(SOURCE_FORMATS)}")
 
     if path.suffix == ".gguf" or source_format == "gguf":
-        config, weights, quantization, meta = read_gguf(path)
+        config, weights, quantization, meta = read_gguf(path, quiet)
         return Checkpoint(config, "gguf", weights, quantization, str(spec), None, meta)
     folder, files = (path.parent, safetensors_files(path)) if path.is_file() else (path, None)
     config_path = folder / CONFIG_FILE
     raw = read_json(config_path)
     kind = source_format or detect_format(raw, str(config_path))
     files = files or safetensors_files(folder)
+    if source_format is None and is_mlx_lm_folder(raw, files):
+        kind = "mlx_lm"
 
+    if kind == "mlx_lm":
+        config, model_type, weights, quantization = read_mlx_lm_folder(folder, raw, files)
+        return Checkpoint(config, "mlx_lm", weights, quantization, str(spec), folder,
+                          original_format=model_type)
     if kind == "mlx":
         config, quantization, original = split_folder_config(raw, str(config_path))
         weights = {name: array for name, array, _ in read_tensors(files)}
