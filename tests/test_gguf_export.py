@@ -18,7 +18,9 @@ from gguf.quants import dequantize, quantize
 
 from convert.convert import convert
 from convert.export import STORES_INTERLEAVED, float_weights, restore_rope_layout
+from convert import gguf_export
 from convert.gguf_export import export_gguf
+import mlx_mobilellm
 from mlx_mobilellm.cli import main as cli_main
 from mlx_mobilellm.errors import CheckpointError, ParameterError
 from mlx_mobilellm.formats.names import from_ours, to_ours
@@ -253,10 +255,35 @@ def llama_cpp_llama4_config(meta: dict, tied: bool) -> MobileLLMConfig:
         use_qk_norm=True, tie_word_embeddings=tied)
 
 
+def test_r1_llama4_gguf_loads_back_with_transformers_logits(tmp_path):
+    original = make_hf("llama4", R1, tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "mlx", quiet=True)
+    export_gguf(tmp_path / "mlx", tmp_path / "r1.gguf", quiet=True)
+    model, _ = mlx_mobilellm.load(tmp_path / "r1.gguf")
+    assert model.config.use_qk_norm and model.config.attention_chunk_size is None
+    logits = np.array(model(mx.array(IDS)).logits)
+    assert max_diff(logits, hf_logits(original)) <= TOL
+
+
+def test_a_llama4_gguf_with_chunked_attention_is_refused(tmp_path, monkeypatch):
+    def chunked(writer, config):  # as a Llama 4 Scout file has it
+        writer.add_interleave_moe_layer_step(0)
+        writer.add_expert_feed_forward_length(config.hidden_dim)
+        writer.add_sliding_window(8192)
+
+    make_hf("llama4", R1, tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "mlx", quiet=True)
+    monkeypatch.setattr(gguf_export, "write_llama4_hyperparameters", chunked)
+    export_gguf(tmp_path / "mlx", tmp_path / "scout.gguf", quiet=True)
+    with pytest.raises(CheckpointError, match="'llama4.attention.sliding_window' is 8192; only "
+                                              "dense llama4"):
+        mlx_mobilellm.load(tmp_path / "scout.gguf")
+
+
 def test_r1_llama4_gguf_read_as_llama_cpp_reads_it_gives_transformers_logits(tmp_path):
-    """No reader here runs a llama4 GGUF (llama.cpp is not installed, transformers 5 has no
-    llama4 GGUF support, ours reads llama only): run the file as llama.cpp's source says it
-    runs it, with our layers, and compare with transformers' Llama4ForCausalLM."""
+    """Independent of our GGUF reader (llama.cpp is not installed, transformers 5 has no
+    llama4 GGUF support): run the file as llama.cpp's source says it runs it, with our
+    layers, and compare with transformers' Llama4ForCausalLM."""
     original = make_hf("llama4", R1, tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "mlx", quiet=True)
     export_gguf(tmp_path / "mlx", tmp_path / "r1.gguf", quiet=True)

@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..models.config import ConfigFieldError, MobileLLMConfig
 from .names import to_ours
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "llama4")
 # Tensor types MLX loads: floats as floats, the three block quantizations as its own affine
 # quantized triplets (weight, scales, biases) with groups of 32. A file holding any other type
 # (K-quants, Q5_0/Q5_1, IQ*, TQ*, ...: whatever the gguf package dequantizes) is read by us
@@ -284,6 +284,8 @@ def config_from_gguf(meta: dict, has_output: bool, where: str) -> MobileLLMConfi
 
     heads = field("num_heads")
     tokens = meta.get("tokenizer.ggml.tokens")
+    if arch == "llama4":
+        _check_dense_full_attention(meta, where)
     try:
         return MobileLLMConfig(
             num_layers=field("num_layers"), num_heads=heads,
@@ -295,8 +297,9 @@ def config_from_gguf(meta: dict, has_output: bool, where: str) -> MobileLLMConfi
             rope_scaling=_rope_scaling(meta, arch, where),
             norm_eps=field("norm_eps", 1e-5),
             head_dim=meta.get(gguf_key("head_dim", arch)),
-            # llama.cpp stores Q/K rows for interleaved-pair RoPE.
-            rope_traditional=True, use_qk_norm=False,
+            # llama.cpp stores Q/K rows for interleaved-pair RoPE; its dense llama4 normalizes
+            # Q and K (no weight) on every layer.
+            rope_traditional=True, use_qk_norm=arch == "llama4",
             tie_word_embeddings=not has_output,
             **{ours: meta.get(gguf_key(ours)) for ours in ("bos_token_id", "eos_token_id", "pad_token_id")},
         )
@@ -304,6 +307,17 @@ def config_from_gguf(meta: dict, has_output: bool, where: str) -> MobileLLMConfi
         raise CheckpointError(f"{where}: metadata '{gguf_key(error.field, arch)}' {error.problem}") from None
     except ValueError as error:
         raise CheckpointError(f"{where}: {error}") from None
+
+
+def _check_dense_full_attention(meta: dict, where: str) -> None:
+    """The llama4 GGUFs that are MobileLLM-R1-like: no expert layer (a MoE step of 0) and
+    full attention with RoPE on every layer (sliding_window 0). Without those keys llama.cpp
+    runs Llama 4 Scout's pattern (experts, NoPE every 4th layer, chunks), which we do not."""
+    for key in ("llama4.interleave_moe_layer_step", "llama4.attention.sliding_window"):
+        if meta.get(key) != 0:
+            raise CheckpointError(f"{where}: '{key}' is {meta.get(key)!r:.20}; only dense llama4 "
+                                  "GGUFs with full attention (0, as MobileLLM-R1 exports write "
+                                  "it) are supported, not Llama 4 Scout / Maverick")
 
 
 def _dequantized(raw: np.ndarray, dims: list, kind: str, name: str, where: str) -> np.ndarray:
