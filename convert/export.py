@@ -131,6 +131,22 @@ def target_name(name: str, fmt: str) -> str:
     return name if fmt == "cheapertraining" else from_ours(name, fmt)
 
 
+def check_dtype(dtype: Optional[str]) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ParameterError(lambda name: f"{name('dtype')} {dtype!r} is not one of "
+                                          f"{', '.join(DTYPES)}")
+
+
+def open_for_export(mlx_path, out_path: Path, force: bool, quiet: bool,
+                    folder: bool = True) -> Checkpoint:
+    """The checkpoint to export, read and checked; the destination is checked first, before
+    the (long) reading."""
+    check_destination(out_path, force, [mlx_path], folder=folder)
+    checkpoint = open_checkpoint(mlx_path, quiet=quiet)
+    checkpoint.validate()
+    return checkpoint
+
+
 def export_hf(mlx_path, hf_path, *, model_type: Optional[str] = None, dtype: Optional[str] = None,
               force: bool = False, quiet: bool = False,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
@@ -146,16 +162,12 @@ def export_hf(mlx_path, hf_path, *, model_type: Optional[str] = None, dtype: Opt
     and renamed when complete; an existing `hf_path` is replaced only with force=True, and
     only as destination.check_destination allows.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ParameterError(lambda name: f"{name('dtype')} {dtype!r} is not one of "
-                                          f"{', '.join(DTYPES)}")
+    check_dtype(dtype)
     if model_type is not None and model_type not in EXPORT_FORMATS:
         raise ParameterError(lambda name: f"{name('model_type')} {model_type!r} cannot be "
                                           f"exported; supported: {', '.join(EXPORT_FORMATS)}")
     hf_path = Path(hf_path)
-    check_destination(hf_path, force, [mlx_path])  # before the (long) reading
-    checkpoint = open_checkpoint(mlx_path, quiet=quiet)
-    checkpoint.validate()
+    checkpoint = open_for_export(mlx_path, hf_path, force, quiet)
     fmt = model_type or default_format(checkpoint)
     config = checkpoint.config
     out_dtype = weights_dtype(checkpoint, dtype)

@@ -23,13 +23,13 @@ from mlx_mobilellm.formats.hf_config import config_to_hf, plain_attention_gaps
 from mlx_mobilellm.formats.mlx_lm_folder import MLX_LM_TYPES, names_key
 from mlx_mobilellm.formats.model_folder import CONFIG_FILE, QUANTIZATION_DEFAULTS, write_json
 from mlx_mobilellm.formats.names import from_ours
-from mlx_mobilellm.formats.sources import Checkpoint, open_checkpoint
+from mlx_mobilellm.formats.sources import Checkpoint
 from mlx_mobilellm.loading import DTYPES
 from mlx_mobilellm.models.config import MobileLLMConfig
 
-from .destination import atomic_output, check_destination
-from .export import (STORES_INTERLEAVED, default_format, halves_to_interleaved,
-                     interleaved_to_halves, weights_dtype)
+from .destination import atomic_output
+from .export import (STORES_INTERLEAVED, check_dtype, default_format, halves_to_interleaved,
+                     interleaved_to_halves, open_for_export, weights_dtype)
 from .progress import progress
 from .writer import MAX_SHARD_BYTES, ShardWriter, copy_tokenizer_files
 
@@ -105,13 +105,9 @@ def export_mlx_lm(mlx_path, out_path, *, model_type: Optional[str] = None,
     raw weight and so cannot use a quantized one. Written to a temporary sibling and renamed
     when complete; an existing `out_path` is replaced only with force=True, as
     destination.check_destination allows."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ParameterError(lambda name: f"{name('dtype')} {dtype!r} is not one of "
-                                          f"{', '.join(DTYPES)}")
+    check_dtype(dtype)
     out_path = Path(out_path)
-    check_destination(out_path, force, [mlx_path])  # before the (long) reading
-    checkpoint = open_checkpoint(mlx_path, quiet=quiet)
-    checkpoint.validate()
+    checkpoint = open_for_export(mlx_path, out_path, force, quiet)
     fmt = _format(checkpoint, model_type)
     config = checkpoint.config
     weights = checkpoint.weights
