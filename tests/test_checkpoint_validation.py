@@ -273,6 +273,11 @@ BAD_SOURCES = {
                                  ["config.json", "'no_rope_layers'", "2 layers"]),
     "no-rope-layers-a-string": (with_config(setting(no_rope_layers="11")),
                                 ["config.json", "'no_rope_layers'", "'11'"]),
+    "layer-types-unknown": (with_config(setting(layer_types=["full_attention", "sliding"])),
+                            ["config.json", "'layer_types'", "2 layers"]),
+    "layer-types-chunk-a-nope-layer": (
+        with_config(setting(no_rope_layers=[1, 0], layer_types=["full_attention", "chunked_attention"])),
+        ["config.json", "'layer_types'", "other than the RoPE ones"]),
     "layer-count-a-string": (with_config(setting(num_hidden_layers="2")),
                              ["config.json", "'num_hidden_layers'", "positive integer"]),
     "flag-a-string": (with_config(setting(tie_word_embeddings="no")),

@@ -83,6 +83,13 @@ CASES = {
         dict(LLAMA4, num_hidden_layers=4, tie_word_embeddings=False, attention_chunk_size=8,
              attn_temperature_tuning=False),
         breaks=(dict(attention_chunk_size=None),)),
+    # layer_types all full_attention (as recent transformers writes and obeys it): no chunks
+    # though attention_chunk_size is set.
+    "llama4-layer-types-full-attention": Case(
+        "llama4",
+        dict(LLAMA4, num_hidden_layers=2, no_rope_layers=[1, 1], tie_word_embeddings=True,
+             attention_chunk_size=8, layer_types=["full_attention"] * 2),
+        breaks=(dict(attention_chunk_size=8),)),
     # An R1 config.json as transformers 4.x wrote it: top-level rope_theta, no rope_parameters.
     # Not the 500000 default, so a reader that misses it fails.
     "llama4-r1-transformers4-config": Case(

@@ -104,6 +104,29 @@ def _uses_rope(hf: dict, num_layers, where: str) -> list:
     return [int((i + 1) % interval != 0) for i in range(num_layers)]
 
 
+def _attention_chunk_size(hf: dict, uses_rope: list, where: str):
+    """Llama 4 attends in chunks on its RoPE layers, unless `layer_types` (which configs of
+    recent transformers write, and which it obeys) says otherwise: all "full_attention" means
+    no chunks. Chunks on other layers than the RoPE ones are refused (ours cannot say that)."""
+    chunk = hf.get("attention_chunk_size", 8192)
+    layer_types = hf.get("layer_types")
+    if layer_types is None or chunk is None:
+        return chunk
+    kinds = ("full_attention", "chunked_attention")
+    if not (isinstance(layer_types, list) and len(layer_types) == len(uses_rope)
+            and all(kind in kinds for kind in layer_types)):
+        raise CheckpointError(f"{where}: 'layer_types' must list full_attention or "
+                              f"chunked_attention for each of the {len(uses_rope)} layers, got "
+                              f"{layer_types!r:.80}")
+    chunked = [kind == "chunked_attention" for kind in layer_types]
+    if not any(chunked):
+        return None
+    if chunked != [bool(flag) for flag in uses_rope]:
+        raise CheckpointError(f"{where}: 'layer_types' puts chunked attention on layers other "
+                              "than the RoPE ones; that layout is not supported")
+    return chunk
+
+
 def _truthy(value):
     """A flag that real configs also write as a number (Llama 4 Scout's
     attn_temperature_tuning is 4); other types are left for the config to refuse."""
@@ -125,7 +148,7 @@ def _llama4_text(hf: dict, where: str) -> dict:
         use_qk_norm=hf.get("use_qk_norm", True),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         nope_layers=[i for i in range(num_layers) if not uses_rope[i]],
-        attention_chunk_size=hf.get("attention_chunk_size", 8192),
+        attention_chunk_size=_attention_chunk_size(hf, uses_rope, where),
         attn_temperature_tuning=_truthy(hf.get("attn_temperature_tuning", True)),
         floor_scale=hf.get("floor_scale", 8192),
         attn_scale=hf.get("attn_scale", 0.1),
