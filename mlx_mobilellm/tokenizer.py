@@ -3,6 +3,8 @@ inside a GGUF file, behind one small interface."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -105,6 +107,12 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, which decode([token]) cannot give when the token is
+        part of a character (a byte-level piece, a <0xNN> byte): OpenAI's logprobs carry them
+        so that a client can put such characters together."""
+        return self._backend.token_bytes(token)
+
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True,
                             tokenize: bool = True, **variables):
         """The conversation as the model was trained to see it: token ids, or the text with
@@ -118,10 +126,40 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
+def _byte_level_alphabet() -> dict:
+    """GPT-2's byte-level BPE writes each byte as one printable character: the printable
+    Latin-1 ones as themselves, the other bytes as the code points from 256 up, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A SentencePiece-style piece: a <0xNN> byte, or text with ▁ for spaces."""
+    byte = _BYTE_PIECE.fullmatch(piece)
+    return bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode()
+
+
 class _HFBackend:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+        self.byte_level = "ByteLevel" in json.dumps(decoder)
+        self.added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+
+    def token_bytes(self, token):
+        piece = self.tokenizer.id_to_token(token) or ""
+        if piece in self.added:  # special tokens are written as they are
+            return piece.encode()
+        if self.byte_level:
+            return bytes(_BYTE_LEVEL.get(ch, 0) for ch in piece)
+        return _piece_bytes(piece)
 
     def token_to_id(self, token):
         return self.tokenizer.token_to_id(token)
@@ -160,6 +198,11 @@ class _SentencePieceBackend:
 
     def max_token_id(self):
         return self.vocab_size - 1
+
+    def token_bytes(self, token):
+        if not 0 <= token < self.vocab_size or self.processor.is_control(token):
+            return b""  # as decode writes them
+        return _piece_bytes(self.processor.id_to_piece(token))
 
     def decode(self, ids, skip_special_tokens):
         # A model whose embedding is padded past the vocabulary can generate an id that has no

@@ -267,3 +267,28 @@ def test_malformed_files_name_the_file(tmp_path, name, content, message):
     (folder / name).write_text(content)
     with pytest.raises(CheckpointError, match=message):
         load_tokenizer(folder)
+
+
+# --- the bytes of one token --------------------------------------------------------------
+
+BYTES_TEXT = "emoji 🦙🦙 and 👍🏽! CJK 你好 accents: café  two  spaces"
+
+
+@pytest.mark.parametrize("kind", ["tokenizer.json", "sentencepiece", "gguf"])
+def test_token_bytes_concatenate_to_the_text(tmp_path, bpe_folder, demo_gguf, kind):
+    """Byte-level pieces and <0xNN> byte-fallback pieces are parts of characters: decoding one
+    gives U+FFFD, its bytes give the character back when put together."""
+    folder = {"tokenizer.json": lambda: bpe_folder,
+              "sentencepiece": lambda: write_sentencepiece_folder(tmp_path / "sp"),
+              "gguf": lambda: demo_gguf}[kind]()
+    tokenizer = load_tokenizer(folder)
+    ids = tokenizer.encode(BYTES_TEXT, add_special_tokens=False)
+    pieces = [tokenizer.token_bytes(i) for i in ids]
+    joined = b"".join(pieces)
+    # what decode gives, byte for byte (SentencePiece drops the leading space marker and has
+    # normalised the double spaces on encoding; byte-level BPE gives the text back whole)
+    assert joined.decode().lstrip(" ") == tokenizer.decode(ids)
+    assert kind == "sentencepiece" or joined.decode() == BYTES_TEXT
+    assert any(len(p) and not p.decode("utf-8", "ignore") for p in pieces)  # partial characters
+    special = tokenizer.eos_token_ids[0]
+    assert tokenizer.token_bytes(special) == tokenizer.decode([special]).encode()

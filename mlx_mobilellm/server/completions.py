@@ -142,8 +142,8 @@ class Reply:
             return None
 
         def entry(token: int, logprob: float) -> dict:
-            text = self._token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": self._token_text(token), "logprob": logprob,
+                    "bytes": list(self.served.tokenizer.token_bytes(token))}
 
         return {"content": [{**entry(e.token, e.logprob),
                              "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs]}
