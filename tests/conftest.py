@@ -28,3 +28,13 @@ def worker():
     process = Worker()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer trained here, with a ChatML template (generation_helpers);
+    a module's own `tokenizer` fixture takes its place."""
+    from generation_helpers import write_bpe_folder
+    from mlx_mobilellm import load_tokenizer
+
+    return load_tokenizer(write_bpe_folder(tmp_path_factory.mktemp("tok")))

@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from generation_helpers import collect, tiny_model, write_bpe_folder
-from mlx_mobilellm import batch_generate, load_tokenizer, stream_generate
+from generation_helpers import collect, tiny_model
+from mlx_mobilellm import batch_generate, stream_generate
 from mlx_mobilellm.cache import KVCache, RotatingKVCache
 from mlx_mobilellm.decode import DecodeBatch, generate_step
 from mlx_mobilellm.generate import stream_batch_generate
 from mlx_mobilellm.models import MobileLLM
 from mlx_mobilellm.models.transformer import TransformerDecoder
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return load_tokenizer(write_bpe_folder(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module")

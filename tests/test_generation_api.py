@@ -8,19 +8,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from generation_helpers import collect, force_tokens, ids_of, tiny_model, write_bpe_folder
-from mlx_mobilellm import (PromptCache, batch_generate, generate, load_tokenizer,
-                           stream_generate)
+from generation_helpers import collect, force_tokens, ids_of, tiny_model
+from mlx_mobilellm import PromptCache, batch_generate, generate, stream_generate
 from mlx_mobilellm.cache import RotatingKVCache, load_prompt_cache, save_prompt_cache
 from mlx_mobilellm.sampling import min_p_filter, repetition_penalty, sample
 
 TURN1 = "Tell me a story about a llama."
 TURN2 = " And then what happened?"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return load_tokenizer(write_bpe_folder(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module")
