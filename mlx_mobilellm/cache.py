@@ -65,6 +65,11 @@ class KVCache:
     def trimmable(self) -> bool:
         return True
 
+    def key_positions(self, new: int):
+        """The position of each key update_and_fetch returns for `new` tokens, when they are
+        not 0, 1, ... in order; None: they are."""
+        return None
+
     def trim(self, count: int) -> int:
         """Forget the last `count` positions (rejected draft tokens, a changed chat turn)."""
         count = min(count, self.offset) if self.trimmable else 0
@@ -168,6 +173,21 @@ class RotatingKVCache(KVCache):
 
     def _capacity_for(self, end: int) -> int:
         return min(super()._capacity_for(end), self.slots)
+
+    def key_positions(self, new: int):
+        if self.offset + new <= self.slots:  # not rotated: slot p holds position p
+            return None
+        if new == 1:  # the ring as it lies once position `offset` is written
+            ring = self.slots - self.keep
+            newest = self._slot(self.offset)
+            recent = [self.offset - (newest - slot) % ring for slot in range(self.keep, self.slots)]
+            return mx.array(list(range(self.keep)) + recent)
+        # the window in order (state), then the new tokens
+        if self.offset <= self.max_size:
+            window = list(range(self.offset))
+        else:
+            window = [*range(self.keep), *range(self.offset - (self.max_size - self.keep), self.offset)]
+        return mx.array(window + list(range(self.offset, self.offset + new)))
 
     def _slot(self, position: int) -> int:
         if position < self.keep:

@@ -294,3 +294,23 @@ def test_a_bounded_cache_takes_no_joining_rows(model):
     batch.start(mx.array([PROMPT]), model.make_cache(max_kv_size=16))
     with pytest.raises(ValueError, match="bounded"):
         batch.join([PROMPT])
+
+
+@pytest.mark.parametrize("chunk_steps", [[1] * 40, [9, 1, 1, 7, 1, 1, 1, 12, 1, 1, 5, 1, 1]])
+def test_a_ring_at_least_a_chunk_wide_attends_as_chunked_attention_does(tokenizer, chunk_steps):
+    """Llama 4's chunked attention past the chunk size with a rotated cache: a window that
+    holds a whole chunk loses nothing chunked attention would see, so it must give the
+    unbounded cache's logits, whatever chunks the tokens come in."""
+    model = tiny_model(tokenizer.vocab_size, seed=6, num_layers=2, attention_chunk_size=8,
+                       use_qk_norm=True, rope_traditional=True)
+    ids = mx.array([[int(t) for t in np.random.default_rng(1).integers(3, 300, sum(chunk_steps))]])
+    ring = [RotatingKVCache(12, 4) for _ in model.make_cache()]
+    plain = model.make_cache()
+    start = 0
+    for step in chunk_steps:
+        piece = ids[:, start : start + step]
+        ours = model(piece, cache=ring).logits
+        reference = model(piece, cache=plain).logits
+        np.testing.assert_allclose(np.array(ours), np.array(reference), atol=1e-4)
+        start += step
+    assert ring[0].offset == start > 12 + 8  # rotated, and past several chunks

@@ -78,7 +78,11 @@ class TransformerDecoder(nn.Module):
         offset = cache[0].offset if cache else 0
         full = causal_mask(length, offset, attention_mask)
         chunk = self.config.attention_chunk_size
-        chunked = causal_mask(length, offset, attention_mask, chunk) if chunk else full
+        chunked = full
+        if chunk:
+            # A rotated (ring) cache hands its keys back out of position order.
+            keys = cache[0].key_positions(length) if cache else None
+            chunked = causal_mask(length, offset, attention_mask, chunk, keys)
 
         # Checkpointing recomputes each block in the backward pass; a cache would be written
         # twice, and inference has no backward pass anyway.
