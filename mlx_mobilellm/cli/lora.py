@@ -311,9 +311,13 @@ def run_lora(args: argparse.Namespace) -> None:
 
     from ..lora import ADAPTER_CONFIG, apply_adapters, load_adapters
     from ..training.data import load_dataset
+    from ..training.distributed import is_main, world
     from ..training.trainer import evaluate, plot_loss_curve, train
 
     s = settings(args)
+    # Launched on several ranks (mlx.launch), rank 0 alone prints and writes.
+    main = is_main(world())
+    s.quiet = s.quiet or not main
     spec = model_spec(s.model)
     model, tokenizer = load_base(spec, s.dtype, s.quiet)
     datasets = load_dataset(s.data, tokenizer, s.max_seq_length, s.mask_prompt)
@@ -344,7 +348,8 @@ def run_lora(args: argparse.Namespace) -> None:
                   f"last {adapter_config['num_layers']} of {len(model.decoder.layers)} blocks",
                   file=sys.stderr)
         train(model, datasets, _training_args(s), folder, adapter_config, pad_id, resume=s.resume)
-        plot_loss_curve(folder)
+        if main:
+            plot_loss_curve(folder)
         if not s.quiet:
             print(f"wrote {folder / 'adapters.safetensors'}", file=sys.stderr)
     elif (folder / ADAPTER_CONFIG).exists():
@@ -352,7 +357,7 @@ def run_lora(args: argparse.Namespace) -> None:
     elif not s.quiet:
         print(f"note: no adapters in {folder}: testing the base model", file=sys.stderr)
 
-    if s.test:
+    if s.test and main:
         model.eval()
         loss = evaluate(model, datasets["test"], s.batch_size, pad_id,
                         None if s.test_batches == -1 else s.test_batches)

@@ -9,7 +9,7 @@ import reprlib
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +22,8 @@ from ..errors import CheckpointError, ParameterError
 from ..input_checks import is_finite_number, is_whole_number, read_json_object
 from ..lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, adapter_weights, check_tensors,
                     read_safetensors, save_adapters)
-from ..sampling import SEED_LIMIT, check_seed
+from ..sampling import check_seed
+from . import distributed
 from .data import iterate_batches
 
 CHECKPOINT_DIR = "checkpoint"
@@ -89,6 +90,11 @@ def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
 
 def _loss(model, inputs, labels):
     return model(inputs, labels=labels).loss
+
+
+def _weighted_loss(model, inputs, labels, weight):
+    """A rank's loss times its share of the batch's tokens (1 on one rank): distributed.shard."""
+    return _loss(model, inputs, labels) * weight
 
 
 def evaluate(model, examples, batch_size: int, pad_id: int, max_batches: Optional[int] = None) -> float:
@@ -208,11 +214,14 @@ class TrainingStep:
     a separate call so that the trainer can refuse a non-finite loss before anything changes.
     Compiled or not, a step draws the same random numbers and computes the same values, so
     MLX_DISABLE_COMPILE=1 (or mx.disable_compile()) runs the same training, uncompiled.
+    Launched on several ranks, each computes its rows' share of the loss and gradients and
+    the ranks sum them once per step, outside the compiled functions, so that compiling
+    changes nothing there either.
     """
 
-    def __init__(self, model, optimizer, args: TrainingArgs):
-        self.model, self.optimizer, self.args = model, optimizer, args
-        self._loss_and_grad = nn.value_and_grad(model, _loss)
+    def __init__(self, model, optimizer, args: TrainingArgs, group):
+        self.model, self.optimizer, self.args, self.group = model, optimizer, args, group
+        self._loss_and_grad = nn.value_and_grad(model, _weighted_loss)
         state = [model.state, optimizer.state, mx.random.state]
         self._compiled_micro_batch = mx.compile(self._micro_batch, inputs=state, outputs=state)
         self._compiled_shapes = set()
@@ -227,10 +236,10 @@ class TrainingStep:
             self._compiled_shapes.add(shape)
         return self._compiled_micro_batch if shape in self._compiled_shapes else self._micro_batch
 
-    def _micro_batch(self, inputs, labels, grads):
+    def _micro_batch(self, inputs, labels, weight, grads):
         """(loss, grads + this micro-batch's gradients); grads is None for the first."""
         _set_dropout_keys(self.model)
-        loss, micro_grads = self._loss_and_grad(self.model, inputs, labels)
+        loss, micro_grads = self._loss_and_grad(self.model, inputs, labels, weight)
         _clear_dropout_keys(self.model)  # the keys are this trace's arrays: none may outlive it
         return loss, micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
 
@@ -241,14 +250,16 @@ class TrainingStep:
         self.optimizer.update(self.model, grads)
 
     def loss_and_gradients(self, batches: list):
-        """(mean loss as a float, summed gradients) over the (inputs, labels) micro-batches."""
+        """(mean loss as a float, summed gradients) over the (inputs, labels, weight)
+        micro-batches of distributed.shard, summed over the ranks."""
         total, grads = 0.0, None
-        for inputs, labels in batches:
-            loss, grads = self._micro_batch_function(inputs, grads)(inputs, labels, grads)
+        for inputs, labels, weight in batches:
+            loss, grads = self._micro_batch_function(inputs, grads)(inputs, labels, weight, grads)
             total = total + loss
-        total = total / len(batches)
-        mx.eval(total, grads)
-        return total.item(), grads
+        summed = distributed.sum_over_ranks({"loss": total / len(batches), "grads": grads},
+                                            self.group)
+        mx.eval(summed)
+        return summed["loss"].item(), summed["grads"]
 
     def apply(self, grads) -> None:
         """The optimizer update with the mean of the summed gradients (clipped if asked)."""
@@ -264,31 +275,43 @@ def _log(folder: Path, record: dict) -> None:
 def train(model, datasets: dict, args: TrainingArgs, adapter_path, adapter_config: dict,
           pad_id: int, resume: bool = False) -> dict:
     """Train the model's trainable parameters; return the last metrics. Adapters are saved to
-    adapter_path at every checkpoint and at the end."""
+    adapter_path at every checkpoint and at the end. Launched on several ranks (mlx.launch),
+    they share each batch and rank 0 alone writes and reports."""
+    group = distributed.world()
+    distributed.check_batch_size(args.batch_size, group)
+    main = distributed.is_main(group)
+    if not main:
+        args = replace(args, quiet=True)
     folder = Path(adapter_path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
     mx.random.seed(check_seed(args.seed))
     if args.grad_checkpoint:
         model.enable_gradient_checkpointing()
     model.train()
     optimizer = make_optimizer(args)
     optimizer.init(model.trainable_parameters())
-    state = _resume(folder, model, optimizer, adapter_config, args.iters) if resume else {"step": 0}
-    start = state["step"]
-    if resume:
-        _truncate_metrics(folder, start)
-    else:
+    # Rank 0 alone reads the checkpoint: the other machines need no copy of it.
+    resumed = resume and main
+    state = (_resume(folder, model, optimizer, adapter_config, args.iters) if resumed
+             else {"step": 0})
+    state["step"] = distributed.share_main_state(model, optimizer, state["step"], group)
+    if resumed:
+        _truncate_metrics(folder, state["step"])
+    elif main:
         (folder / METRICS_FILE).unlink(missing_ok=True)
     try:
-        return _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state)
+        return _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state,
+                            group)
     finally:
         _clear_dropout_keys(model)
 
 
-def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state) -> dict:
-    start = state["step"]
+def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state,
+                 group) -> dict:
+    start, main = state["step"], distributed.is_main(group)
 
-    training_step = TrainingStep(model, optimizer, args)
+    training_step = TrainingStep(model, optimizer, args, group)
     micro_batches = iterate_batches(datasets["train"], args.batch_size, pad_id, args.seed,
                                     start_step=start * args.grad_accumulation_steps)
     from tqdm import tqdm
@@ -301,11 +324,12 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
         time.perf_counter())
     last, saved_step = {}, (start or None)
     for step in range(start + 1, args.iters + 1):
-        # Dropout masks independent of resuming; wrapped into the 64 bits MLX's seed takes.
-        mx.random.seed((args.seed * 100_003 + step) % SEED_LIMIT)
+        # Dropout masks independent of resuming.
+        mx.random.seed(distributed.step_seed(args.seed, step, group))
         batches = [next(micro_batches) for _ in range(args.grad_accumulation_steps)]
-        step_loss, grads = training_step.loss_and_gradients(batches)
-        window_tokens += sum((labels[:, 1:] != -100).sum().item() for _, labels in batches)
+        step_loss, grads = training_step.loss_and_gradients(
+            [distributed.shard(inputs, labels, group) for inputs, labels in batches])
+        window_tokens += sum(distributed.counted_tokens(labels) for _, labels in batches)
         if not math.isfinite(step_loss):
             saved = (f"; the adapters of step {saved_step} are kept in {folder / CHECKPOINT_DIR}"
                      if saved_step else "")
@@ -323,11 +347,13 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
                     "learning_rate": optimizer.learning_rate.item(),
                     "tokens_per_s": window_tokens / elapsed,
                     "peak_memory_gb": mx.get_peak_memory() / 1e9}
-            _log(folder, last)
+            if main:
+                _log(folder, last)
             bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                             mem_gb=f"{last['peak_memory_gb']:.2f}")
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-        if "valid" in datasets and (step % args.steps_per_eval == 0 or step == args.iters):
+        evaluating = step % args.steps_per_eval == 0 or step == args.iters
+        if main and "valid" in datasets and evaluating:
             model.eval()
             val = evaluate(model, datasets["valid"], args.batch_size, pad_id, args.val_batches)
             model.train()
@@ -335,12 +361,14 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
             if not args.quiet:
                 bar.write(f"step {step}: validation loss {val:.3f}")
         if step % args.save_every == 0 or step == args.iters:
-            _save_checkpoint(folder, model, optimizer, step, adapter_config,
-                             {"window_loss": window_loss, "window_steps": window_steps,
-                              "window_tokens": window_tokens})
+            if main:
+                _save_checkpoint(folder, model, optimizer, step, adapter_config,
+                                 {"window_loss": window_loss, "window_steps": window_steps,
+                                  "window_tokens": window_tokens})
             saved_step = step
     bar.close()
-    save_adapters(folder, model, adapter_config)
+    if main:
+        save_adapters(folder, model, adapter_config)
     model.eval()
     return last
 
