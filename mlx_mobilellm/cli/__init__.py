@@ -14,7 +14,7 @@ from .running import ArgumentParser, flag_namer, run_reporting_errors
 def _commands() -> list:
     """(name, help, add_arguments, run, aliases): `aliases` maps the library parameters that the
     command's flags set under other names (export's mlx_path is its --model)."""
-    from . import convert, fuse, generate, lora, server
+    from . import convert, evaluate, fuse, generate, lora, server
 
     return [
         ("generate", "stream text from a model", generate.add_generate_arguments,
@@ -31,6 +31,8 @@ def _commands() -> list:
          fuse.add_fuse_arguments, fuse.run_fuse, {}),
         ("server", "an OpenAI-compatible HTTP server (chat and text completions)",
          server.add_server_arguments, server.run_server, {}),
+        ("evaluate", "perplexity on a text or JSONL file", evaluate.add_evaluate_arguments,
+         evaluate.run_evaluate, {}),
     ]
 
 
