@@ -52,6 +52,7 @@ from common import attempt, log, machine, mlx_lm_runner, share_weights
 from mlx_mobilellm.formats.names import from_ours
 from mlx_mobilellm.lora import DEFAULT_TARGETS, LoRALinear, apply_adapters
 from mlx_mobilellm.models import MobileLLM, get_mobilellm_config
+from mlx_mobilellm.training.distributed import world
 from mlx_mobilellm.training.trainer import TrainingArgs, TrainingStep
 
 LORA = {"fine_tune_type": "lora", "rank": 8, "scale": 20.0, "dropout": 0.0, "keys": list(DEFAULT_TARGETS)}
@@ -106,10 +107,11 @@ class Side:
 def ours_step(model: MobileLLM, optimizer, compiled: bool) -> Callable:
     """batch -> loss, one optimizer step, evaluated: our trainer's TrainingStep, and without
     compiled, the same step with MLX's compilation switched off around it."""
-    training_step = TrainingStep(model, optimizer, TrainingArgs())
+    training_step = TrainingStep(model, optimizer, TrainingArgs(), world())
 
     def step(batch):
-        loss, grads = training_step.loss_and_gradients([(batch, batch)])
+        # One process: its rows are the whole batch (weight 1, as distributed.shard gives it).
+        loss, grads = training_step.loss_and_gradients([(batch, batch, mx.array(1.0))])
         training_step.apply(grads)
         return loss
 
