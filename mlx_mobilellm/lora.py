@@ -3,6 +3,7 @@
 A LoRA layer computes base(x) + scale * B(A(dropout(x))) with A: (rank, in) and B: (out, rank);
 B starts at zero, so a fresh adapter changes nothing. DoRA also learns the magnitude of each
 output row of the merged weight. Only the adapters train: apply_adapters freezes the rest.
+The "full" fine-tune type adds no adapter: the model's own (float) weights train.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import CheckpointError
 from .input_checks import is_finite_number, is_whole_number, read_json_object
-from .quantization import layer_weight
+from .quantization import QUANTIZED_LAYERS, layer_weight
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -95,6 +96,8 @@ class DoRALinear(LoRALinear):
 
 
 ADAPTER_TYPES = {"lora": LoRALinear, "dora": DoRALinear}
+FULL = "full"
+FINE_TUNE_TYPES = (*ADAPTER_TYPES, FULL)
 
 
 def adapter_targets(model, keys: Sequence[str], num_layers: Optional[int]) -> list:
@@ -118,8 +121,8 @@ def adapter_settings(config: dict) -> dict:
     settings.update((name, config[name]) for name in settings if name in config)
     kind, rank, dropout, keys, layers = (
         settings[name] for name in ("fine_tune_type", "rank", "dropout", "keys", "num_layers"))
-    rules = {"fine_tune_type": (isinstance(kind, str) and kind in ADAPTER_TYPES,
-                                f"one of {', '.join(ADAPTER_TYPES)}"),
+    rules = {"fine_tune_type": (isinstance(kind, str) and kind in FINE_TUNE_TYPES,
+                                f"one of {', '.join(FINE_TUNE_TYPES)}"),
              "rank": (is_whole_number(rank) and rank >= 1, "a whole number >= 1"),
              "scale": (is_finite_number(settings["scale"]), "a finite number"),
              "dropout": (is_finite_number(dropout) and 0 <= dropout < 1, "a number in [0, 1)"),
@@ -137,8 +140,13 @@ def adapter_settings(config: dict) -> dict:
 
 def apply_adapters(model, config: dict) -> None:
     """Freeze the model and wrap the configured layers in adapters (in place).
-    config: {"fine_tune_type": "lora"|"dora", "rank", "scale", "dropout", "keys", "num_layers"}."""
+    config: {"fine_tune_type": "lora"|"dora", "rank", "scale", "dropout", "keys", "num_layers"};
+    "full" wraps nothing and leaves the model's own weights trainable instead (see
+    unfreeze_for_full)."""
     settings = adapter_settings(config)
+    if settings["fine_tune_type"] == FULL:
+        unfreeze_for_full(model, settings["num_layers"])
+        return
     kind, rank = ADAPTER_TYPES[settings["fine_tune_type"]], settings["rank"]
     keys = tuple(settings["keys"] or DEFAULT_TARGETS)
     targets = adapter_targets(model, keys, settings["num_layers"])
@@ -154,6 +162,25 @@ def apply_adapters(model, config: dict) -> None:
                     for path, module in targets]
     model.update_modules(tree_unflatten(replacements))
     model.train(model.training)  # new adapters follow the model's mode (eval: no dropout)
+
+
+def unfreeze_for_full(model, num_layers: Optional[int]) -> None:
+    """Full fine-tuning: every parameter trains (embeddings and norms too), or, with
+    num_layers below the model's block count, only those of the last num_layers blocks, as
+    mlx-lm's full type does. A quantized model is refused: its packed integer weights have
+    no gradient."""
+    quantized = next((path for path, module in model.named_modules()
+                      if isinstance(module, QUANTIZED_LAYERS)), None)
+    if quantized is not None:
+        raise ValueError(f"full fine-tuning needs float weights, but {quantized} is quantized; "
+                         "dequantize the model (--dtype float32) or start from a float one")
+    layers = model.decoder.layers
+    if num_layers is None or num_layers >= len(layers):
+        model.unfreeze()
+        return
+    model.freeze()
+    for block in layers[len(layers) - num_layers:]:
+        block.unfreeze()
 
 
 def adapter_weights(model) -> dict:
@@ -203,6 +230,10 @@ def load_adapters(model, folder) -> dict:
         raise CheckpointError(f"{folder}: is a file; adapters are a folder (adapter_config.json "
                               "and adapters.safetensors, as `mlx-mobilellm lora` writes them)")
     config = read_json_object(folder / ADAPTER_CONFIG)
+    if config.get("fine_tune_type") == FULL:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: 'fine_tune_type' is full: a fully "
+                              "fine-tuned model is a model folder, not adapters; load that "
+                              "folder as the model")
     try:
         apply_adapters(model, config)
     except ValueError as error:

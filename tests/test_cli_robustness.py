@@ -283,10 +283,13 @@ def test_adapter_path_that_is_a_file(capsys, tiny_folder, data, tmp_path, argv):
     ("rank", "4", "'rank' must be a whole number >= 1, got '4'"),
     ("rank", 10**9, "'rank' 1000000000 is above 16, the width of the narrowest adapted layer"),
     ("dropout", 2, "'dropout' must be a number in [0, 1), got 2"),
-    ("fine_tune_type", "full", "'fine_tune_type' must be one of lora, dora, got 'full'"),
+    ("fine_tune_type", "qlora", "'fine_tune_type' must be one of lora, dora, full, got 'qlora'"),
+    ("fine_tune_type", "full", "'fine_tune_type' is full: a fully fine-tuned model is a model "
+                               "folder, not adapters"),
     ("keys", 5, "'keys' must be a list of layer names, got 5"),
     ("num_layers", 0, "'num_layers' must be a whole number >= 1, got 0"),
-], ids=["scale-text", "scale-inf", "rank-text", "rank-huge", "dropout", "type", "keys", "layers"])
+], ids=["scale-text", "scale-inf", "rank-text", "rank-huge", "dropout", "type", "type-full", "keys",
+        "layers"])
 def test_bad_adapter_config_field_names_file_and_field(capsys, tiny_folder, checkpointed,
                                                        tmp_path, field, value, message):
     adapters = copy_model(checkpointed, tmp_path / "adapters")

@@ -1,4 +1,5 @@
-"""`mlx-mobilellm lora`: fine-tune LoRA / DoRA adapters (QLoRA on quantized models).
+"""`mlx-mobilellm lora`: fine-tune LoRA / DoRA adapters (QLoRA on quantized models), or every
+weight of a float model (--fine-tune-type full), which is then written as a model folder.
 
 Flags are mlx-lm's where the idea is the same. Every `lora` option can also come from a
 `--config` file (YAML or JSON, the option names with underscores; mlx-lm's
@@ -12,6 +13,7 @@ import argparse
 import json
 import math
 import reprlib
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Optional
 from ..errors import CheckpointError
 from .options import Option, add_options
 
-FINE_TUNE_TYPES = ("lora", "dora")
+FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -45,13 +47,15 @@ LORA_OPTIONS = (
     Option("model", None, "base model: MLX folder, Hugging Face folder, .gguf file or hub repo "
            "id (default: the built-in SmolLM2-135M-Instruct demo model)", str),
     Option("dtype", None, _DTYPE_HELP, str, ("float32",)),
-    Option("train", False, "train adapters"),
+    Option("train", False, "train adapters (or the model itself: --fine-tune-type full)"),
     Option("data", None, "folder with train.jsonl, valid.jsonl and (for --test) test.jsonl; "
            'lines of {"text"}, {"prompt", "completion"} or {"messages"}', str),
-    Option("fine_tune_type", "lora", "lora or dora (full fine-tuning is not offered)", str,
-           FINE_TUNE_TYPES),
+    Option("fine_tune_type", "lora", "lora, dora, or full: train the model's own weights (a "
+           "float model: --dtype float32 for a quantized one) and write it as an MLX model "
+           "folder in --adapter-path", str, FINE_TUNE_TYPES),
     Option("num_layers", 16, "adapt the last N blocks; -1: all (a model with fewer blocks "
-           "than the default adapts all)", int),
+           "than the default adapts all). full: every weight trains when N covers all blocks, "
+           "else only those of the last N blocks", int),
     Option("lora_rank", 8, "adapter rank", int),
     Option("lora_scale", 20.0, "adapter output scale", float),
     Option("lora_dropout", 0.0, "dropout on the adapter input", float),
@@ -76,7 +80,8 @@ LORA_OPTIONS = (
     Option("val_batches", 25, "validation batches; -1: the whole set", int),
     Option("save_every", 100, "steps between checkpoints (for --resume)", int),
     Option("adapter_path", "adapters", "folder for adapters.safetensors, adapter_config.json, "
-           "metrics.jsonl, loss_curve.png and the checkpoint", str),
+           "metrics.jsonl, loss_curve.png and the checkpoint (full: the model folder's files "
+           "instead of the adapters)", str),
     Option("resume", False, "continue from the checkpoint in --adapter-path"),
     Option("test", False, "report the test loss and perplexity (after training, or of the "
            "adapters already in --adapter-path)"),
@@ -291,6 +296,8 @@ def _adapter_config(s: SimpleNamespace, model, spec: str) -> dict:
             raise CheckpointError(f"--num-layers {s.num_layers}: the model has only {layers} "
                                   "blocks; use -1 for all")
     count = layers if s.num_layers == -1 else min(s.num_layers, layers)
+    if s.fine_tune_type == "full":  # no adapter: rank, scale, dropout and keys mean nothing
+        return {"fine_tune_type": "full", "num_layers": count, "model": spec, "dtype": s.dtype}
     return {"fine_tune_type": s.fine_tune_type, "rank": s.lora_rank, "scale": s.lora_scale,
             "dropout": s.lora_dropout, "keys": list(s.lora_keys or DEFAULT_TARGETS),
             "num_layers": count, "model": spec, "dtype": s.dtype}
@@ -303,6 +310,36 @@ def _training_args(s: SimpleNamespace):
     values["max_grad_norm"] = s.grad_clip
     values["val_batches"] = None if s.val_batches == -1 else s.val_batches
     return TrainingArgs(**values)
+
+
+def save_full_model(model, folder: Path, spec: str, quiet: bool) -> None:
+    """A fully fine-tuned model as an MLX model folder in `folder` itself, beside the metrics
+    and the checkpoint, so that `load(folder)` and `generate --model folder` read it. Staged
+    in a hidden subfolder by the converter's writer, then moved in file by file with
+    config.json last: until then the folder is no model. A run killed meanwhile has its
+    final checkpoint: --resume with the same --iters trains no step and writes it again."""
+    from convert.save import save_model
+
+    from ..formats.model_folder import CONFIG_FILE, INDEX_FILE
+    from ..formats.sources import open_checkpoint
+    from ..lora import ADAPTER_CONFIG
+
+    base = open_checkpoint(spec, quiet=True)  # its tokenizer files and export format
+    source_format = base.original_format if base.source_format == "mlx" else base.export_format
+    staging = folder / ".model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
+    readme = (f"# {folder.name}\n\nMLX model folder written by `mlx-mobilellm lora "
+              f"--fine-tune-type full`: `{spec}` with every trained weight.\n")
+    save_model(model, staging, source_format, base, readme=readme, quiet=quiet)
+    (folder / CONFIG_FILE).unlink(missing_ok=True)
+    # An earlier run's weights in other shards (or adapters) would be read together with
+    # these, and its adapter config would send --test and --adapter-path to adapters gone.
+    for old in (*folder.glob("*.safetensors"), folder / INDEX_FILE, folder / ADAPTER_CONFIG):
+        old.unlink(missing_ok=True)
+    names = sorted(p.name for p in staging.iterdir() if p.name != CONFIG_FILE)
+    for name in (*names, CONFIG_FILE):
+        (staging / name).replace(folder / name)
+    staging.rmdir()
 
 
 def run_lora(args: argparse.Namespace) -> None:
@@ -342,16 +379,22 @@ def run_lora(args: argparse.Namespace) -> None:
             apply_adapters(model, adapter_config)
         except ValueError as error:
             raise CheckpointError(str(error)) from None
+        full = s.fine_tune_type == "full"
         if not s.quiet:
             count = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
-            print(f"training {count:,} {s.fine_tune_type} parameters (rank {s.lora_rank}) in the "
-                  f"last {adapter_config['num_layers']} of {len(model.decoder.layers)} blocks",
-                  file=sys.stderr)
+            trained, blocks = adapter_config["num_layers"], len(model.decoder.layers)
+            kind = "" if full else f"{s.fine_tune_type} "
+            rank = "" if full else f" (rank {s.lora_rank})"
+            where = ("the whole model" if full and trained == blocks
+                     else f"the last {trained} of {blocks} blocks")
+            print(f"training {count:,} {kind}parameters{rank} in {where}", file=sys.stderr)
         train(model, datasets, _training_args(s), folder, adapter_config, pad_id, resume=s.resume)
         if main:
+            if full:
+                save_full_model(model, folder, spec, s.quiet)
             plot_loss_curve(folder)
         if not s.quiet:
-            print(f"wrote {folder / 'adapters.safetensors'}", file=sys.stderr)
+            print(f"wrote {folder if full else folder / 'adapters.safetensors'}", file=sys.stderr)
     elif (folder / ADAPTER_CONFIG).exists():
         load_adapters(model, folder)
     elif not s.quiet:

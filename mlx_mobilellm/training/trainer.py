@@ -20,8 +20,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import CheckpointError, ParameterError
 from ..input_checks import is_finite_number, is_whole_number, read_json_object
-from ..lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, adapter_weights, check_tensors,
-                    read_safetensors, save_adapters)
+from ..lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL, LoRALinear, adapter_weights,
+                    check_tensors, read_safetensors, save_adapters)
 from ..sampling import check_seed
 from . import distributed
 from .data import iterate_batches
@@ -112,7 +112,8 @@ def evaluate(model, examples, batch_size: int, pad_id: int, max_batches: Optiona
 
 def _save_checkpoint(folder: Path, model, optimizer, step: int, adapter_config: dict,
                      window: Optional[dict] = None) -> None:
-    """Adapters, optimizer state and step (and the loss-report window in progress), written
+    """The trainable parameters (adapters, or a full fine-tune's weights) under the adapters'
+    file names, optimizer state and step (and the loss-report window in progress), written
     to a temporary folder then swapped in."""
     temporary = folder / f".{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -128,8 +129,8 @@ def _save_checkpoint(folder: Path, model, optimizer, step: int, adapter_config: 
 
 
 def _resume(folder: Path, model, optimizer, adapter_config: dict, iters: int) -> dict:
-    """Restore the adapters and optimizer of the checkpoint in `folder` and return its trainer
-    state. Every file is read and checked before anything is restored."""
+    """Restore the trainable parameters and optimizer of the checkpoint in `folder` and return
+    its trainer state. Every file is read and checked before anything is restored."""
     checkpoint = folder / CHECKPOINT_DIR
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: no checkpoint to resume from")
@@ -274,9 +275,11 @@ def _log(folder: Path, record: dict) -> None:
 
 def train(model, datasets: dict, args: TrainingArgs, adapter_path, adapter_config: dict,
           pad_id: int, resume: bool = False) -> dict:
-    """Train the model's trainable parameters; return the last metrics. Adapters are saved to
-    adapter_path at every checkpoint and at the end. Launched on several ranks (mlx.launch),
-    they share each batch and rank 0 alone writes and reports."""
+    """Train the model's trainable parameters; return the last metrics. They are saved to
+    adapter_path's checkpoint (with the optimizer state) every save_every steps, and adapters
+    also beside it at the end; a "full" fine-tune leaves the trained model to its caller to
+    save. Launched on several ranks (mlx.launch), they share each batch and rank 0 alone
+    writes and reports."""
     group = distributed.world()
     distributed.check_batch_size(args.batch_size, group)
     main = distributed.is_main(group)
@@ -331,7 +334,7 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
             [distributed.shard(inputs, labels, group) for inputs, labels in batches])
         window_tokens += sum(distributed.counted_tokens(labels) for _, labels in batches)
         if not math.isfinite(step_loss):
-            saved = (f"; the adapters of step {saved_step} are kept in {folder / CHECKPOINT_DIR}"
+            saved = (f"; the weights of step {saved_step} are kept in {folder / CHECKPOINT_DIR}"
                      if saved_step else "")
             raise TrainingDiverged(lambda name: f"training diverged at step {step}: loss is "
                                    f"{step_loss}{saved}; lower {name('learning_rate')} or set "
@@ -367,7 +370,10 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
                                   "window_tokens": window_tokens})
             saved_step = step
     bar.close()
-    if main:
+    # A fully fine-tuned model is the result itself, which its caller saves as a model folder
+    # (the converter's writer, which the library may not import); its trainable parameters,
+    # written here, would be a second copy of the weights.
+    if main and adapter_config.get("fine_tune_type") != FULL:
         save_adapters(folder, model, adapter_config)
     model.eval()
     return last
