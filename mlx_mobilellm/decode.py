@@ -234,6 +234,13 @@ def generate_step(model, prompt: mx.array, cache: list, *, max_tokens: int,
     batch = DecodeBatch(model, sampler=sampler, processors=processors, key=key)
     step = batch.start(prompt if prompt.ndim == 2 else prompt[None], cache, attention_mask,
                        history)
+    yield from pipelined(batch, step, max_tokens)
+
+
+def pipelined(batch: DecodeBatch, first: Step, max_tokens: int) -> Iterator[Step]:
+    """`first` and the batch's next steps, max_tokens in all, each queued before the one
+    before it is handed out."""
+    step = first
     mx.async_eval(step.tokens)
     for _ in range(1, max_tokens):
         following = batch.step()

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import RotatingKVCache
-from .decode import generate_step, prefill, speculative_generate_step
+from .decode import DecodeBatch, generate_step, pipelined, prefill, speculative_generate_step
 from .detokenizer import TextStream
 from .sampling import LogitsProcessor, check_seed, make_logits_processors, make_sampler
 from .input_checks import check_text
@@ -238,13 +238,10 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence[Prompt],
     eos = set(eos_token_ids if eos_token_ids is not None
               else [*tokenizer.eos_token_ids, *model.config.eos_token_ids])
     limits = [min(limit, context - width) for limit in max_tokens]
-    padding = [width - len(ids) for ids in encoded]
-    steps = generate_step(
-        model, mx.array([[0] * pad + ids for pad, ids in zip(padding, encoded)], dtype=mx.int32),
-        model.make_cache(), max_tokens=max(limits),
-        sampler=make_sampler(temperature, top_p, top_k, min_p),
-        attention_mask=mx.array([[0] * pad + [1] * len(ids) for pad, ids in zip(padding, encoded)]),
-        key=None if seed is None else mx.random.key(seed))
+    # Rows join an empty batch: left-padded, each at its own positions, as it would run alone.
+    batch = DecodeBatch(model, sampler=make_sampler(temperature, top_p, top_k, min_p),
+                        key=None if seed is None else mx.random.key(seed))
+    steps = pipelined(batch, batch.join(encoded), max(limits))
     streams = [TextStream(tokenizer, eos, () if stops is None else stops[row], limit)
                for row, limit in enumerate(limits)]
     open_rows = list(range(len(encoded)))
