@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from common import log, machine
+from common import blas_threads_per_rank, launched, log, machine
 from mlx_mobilellm.lora import DEFAULT_TARGETS, apply_adapters
 from mlx_mobilellm.models import MobileLLM, get_mobilellm_config
 from mlx_mobilellm.training import distributed
@@ -66,7 +65,6 @@ SHAPES = {
     "r1-140m": lambda: get_mobilellm_config("140m"),
 }
 MARKER = "DISTRIBUTED-BENCHMARK-RESULT "
-LAUNCHER = Path(sys.executable).parent / "mlx.launch"
 
 
 def worker(settings: dict) -> None:
@@ -112,21 +110,11 @@ def worker(settings: dict) -> None:
             "config": config.to_dict()}), flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(ranks: int, settings: dict, timeout: float, blas_threads) -> dict:
-    """Run the worker on `ranks` local ranks; its figures, or the error. One rank runs as a
-    plain process (the group of one that an unlaunched run has: MLX 0.32's `mlx.launch -n 1
-    --backend ring` fails in mx.distributed.init, parsing the hostfile it wrote). mlx.launch
-    exits 0 even when a rank fails, so rank 0's result line is what says it worked."""
-    worker_command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(settings)]
-    command = worker_command if ranks == 1 else [
-        str(LAUNCHER), "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_port()),
-        *worker_command]
+    """Run the worker on `ranks` local ranks (common.launched); its figures, or the error:
+    rank 0's result line is what says it worked."""
+    command = launched(ranks, [sys.executable, str(Path(__file__).resolve()), "--worker",
+                               json.dumps(settings)])
     env = dict(os.environ)
     if blas_threads:
         env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
@@ -216,8 +204,7 @@ def main():
     rounds = {ranks: [] for ranks in args.ranks}
     for number in range(args.rounds):  # 1, 2, 1, 2, ...: other load weighs on both alike
         for ranks in args.ranks:
-            threads = (None if args.oversubscribe or "OPENBLAS_NUM_THREADS" in os.environ
-                       else max(1, (os.cpu_count() or 1) // ranks))
+            threads = blas_threads_per_rank(ranks, args.oversubscribe)
             log(f"round {number + 1}/{args.rounds}")
             rounds[ranks].append(launch(ranks, settings, args.timeout, threads))
     for ranks, results in rounds.items():

@@ -31,7 +31,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pathlib import Path
 import mlx_mobilellm  # noqa: F401 - first: it loads a fast BLAS before mlx.core does (blas.py)
 import numpy as np
 
-from common import attempt, log, machine
+from common import attempt, free_port, log, machine
 from mlx_mobilellm import blas
 
 HOST = "127.0.0.1"
@@ -64,12 +63,6 @@ def demo_folder(work: Path) -> Path:
 
     return export_hf(demo_model_path(), work / "demo-hf", model_type="llama", dtype="float32",
                      quiet=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def server_env(name: str) -> dict:
@@ -112,7 +105,7 @@ def wait_ready(process: subprocess.Popen, port: int, log_path: Path, timeout: fl
 @contextmanager
 def running(name: str, folder: Path, work: Path, timeout: float):
     """The port of server `name` serving `folder`, stopped (terminate, then kill) on exit."""
-    port = free_port()
+    port = free_port(HOST)
     log_path = work / f"{name}-{port}.log"
     command = SERVERS[name] + ["--model", str(folder), "--port", str(port)]
     with open(log_path, "wb") as stderr:

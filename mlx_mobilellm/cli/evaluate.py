@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..evaluation import DEFAULT_WINDOW, check_parameters, sequence_nlls, summary
-from .generate import MODEL_OPTIONS, load_for_generation
+from .generate import MODEL_OPTIONS, is_printing, load_for_generation
 from .options import Option, add_options
 
 EVALUATE_OPTIONS = (
@@ -68,4 +68,5 @@ def run_evaluate(args: argparse.Namespace) -> None:
         result = summary(nlls, time.perf_counter() - start)
     except ValueError as error:  # every text shorter than two tokens
         raise CheckpointError(f"{data}: {error}") from None
-    print(json.dumps({"data": str(data), **result}), flush=True)
+    if is_printing():
+        print(json.dumps({"data": str(data), **result}), flush=True)

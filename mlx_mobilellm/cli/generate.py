@@ -81,16 +81,41 @@ def _check_values(args) -> None:
         raise CheckpointError(str(error)) from None
 
 
+def launched():
+    """The process group: several processes when mlx.launch started this command."""
+    from ..training.distributed import world
+
+    return world()
+
+
+def is_printing() -> bool:
+    """Launched on several processes, only rank 0 prints what the command answers."""
+    return launched().rank() == 0
+
+
+def one_process_only(command: str) -> None:
+    if launched().size() > 1:
+        raise CheckpointError(f"{command} runs in one process; of the commands mlx.launch starts "
+                              "on several, generate and evaluate split a model over them")
+
+
 def load_for_generation(spec, dtype, adapter_path=None):
+    """(model, tokenizer). Launched on several processes, the model's blocks are split over
+    them before any weight is read (models/pipeline.py): each holds its share."""
     from ..compute_dtype import slow_blas_note
     from ..demo import demo_model_path
     from ..loading import load
+    from ..models.pipeline import split_into_stages
 
     model, tokenizer = load(spec or demo_model_path(), dtype or "auto", adapter_path)
     if tokenizer is None:
         raise CheckpointError(f"{spec}: has no tokenizer files; generation needs one")
+    try:
+        split_into_stages(model, launched())
+    except ValueError as error:  # more processes than blocks
+        raise CheckpointError(f"{spec or 'the demo model'}: {error}") from None
     note = slow_blas_note()
-    if note:
+    if note and is_printing():
         print(note, file=sys.stderr)
     return model, tokenizer
 
@@ -106,6 +131,9 @@ def load_models(args):
     model, tokenizer = load_for_generation(args.model, args.dtype, args.adapter_path)
     if not args.draft_model:
         return model, tokenizer, None
+    if launched().size() > 1:
+        raise CheckpointError("--draft-model runs in one process: split over several, every "
+                              "draft token would cross the machines twice; drop it")
     draft, draft_tokenizer = load_for_generation(args.draft_model, args.dtype)
     if draft_tokenizer.encode(TOKENIZER_PROBE) != tokenizer.encode(TOKENIZER_PROBE):
         raise CheckpointError(f"--draft-model {args.draft_model}: its tokenizer is not the one "
@@ -160,13 +188,17 @@ def run_generate(args) -> None:
     model, tokenizer, draft = load_models(args)
     if tokenizer.chat_template and not args.ignore_chat_template:
         prompt = tokenizer.apply_chat_template(_messages(args.system, prompt))
-    response = None
+    response, printing = None, is_printing()
     try:
+        # Split over processes, every rank runs this same loop (each step is a collective).
         for response in stream_generate(model, tokenizer, prompt, args.max_tokens, seed=args.seed,
                                         draft_model=draft, **_options(args)):
-            print(response.text, end="", flush=True)
+            if printing:
+                print(response.text, end="", flush=True)
     except ValueError as error:  # a prompt longer than the context, ...
         raise CheckpointError(str(error)) from None
+    if not printing:
+        return
     print(flush=True)
     if args.verbose and response is not None:
         print(format_stats(response), file=sys.stderr)
@@ -202,6 +234,7 @@ def run_chat(args) -> None:
     from ..generate import PromptCache, format_stats, stream_generate
 
     _check_values(args)
+    one_process_only("chat")
     if sys.stdin is None:
         raise _stdin_is_closed("chat")
     model, tokenizer, draft = load_models(args)

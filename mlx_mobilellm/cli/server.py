@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .generate import MODEL_OPTIONS, load_models
+from .generate import MODEL_OPTIONS, load_models, one_process_only
 from .options import Option, add_options
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -53,6 +53,7 @@ def run_server(args) -> None:
     from ..server.worker import Worker
 
     _check_values(args)
+    one_process_only("server")
     model, tokenizer, draft = load_models(args)
     model_id = args.model_id or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     served = Served(model, tokenizer, model_id, args.max_tokens)

@@ -27,7 +27,8 @@ class ModelOutput:
     """(batch, seq, vocab) next-token scores, in the model's dtype."""
     hidden_states: mx.array
     """(batch, seq, embed_dim): the last block's output after the final norm, i.e. exactly
-    what the head reads (Hugging Face's hidden_states[-1])."""
+    what the head reads (Hugging Face's hidden_states[-1]). Split over a pipeline
+    (pipeline.py), only the positions of logits_to_keep."""
 
 
 def _as_ids(values) -> mx.array:
@@ -92,7 +93,10 @@ class MobileLLM(nn.Module):
         if logits_to_keep and labels is not None:
             raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
         hidden = self.decoder(self.embed_tokens(ids), mask, cache)
-        logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        if self.decoder.stage is not None:  # the last rank's output, on every rank
+            kept = hidden = self.decoder.stage.share_output(kept)
+        logits = self.logits(kept)
         loss = None if labels is None else causal_lm_loss(logits, _as_ids(labels))
         return ModelOutput(loss=loss, logits=logits, hidden_states=hidden)
 
@@ -100,7 +104,8 @@ class MobileLLM(nn.Module):
 
     def make_cache(self, max_kv_size: Optional[int] = None) -> list:
         """One KV cache per block call; bounded to max_kv_size positions when given."""
-        count = self.config.num_layers * self.decoder.calls_per_block
+        # The blocks held here: a pipeline stage holds a slice of them (pipeline.py).
+        count = len(self.decoder.layers) * self.decoder.calls_per_block
         if max_kv_size is None:
             return [KVCache() for _ in range(count)]
         return [RotatingKVCache(max_kv_size) for _ in range(count)]

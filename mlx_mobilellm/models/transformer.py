@@ -65,6 +65,8 @@ class TransformerDecoder(nn.Module):
         self.layers = [TransformerBlock(config, i) for i in range(config.num_layers)]
         self.norm = RMSNorm(config.embed_dim, config.norm_eps)
         self.gradient_checkpointing = False
+        self.stage = None
+        """This rank's PipelineStage when the blocks are split over processes (pipeline.py)."""
 
     @property
     def calls_per_block(self) -> int:
@@ -87,13 +89,15 @@ class TransformerDecoder(nn.Module):
         # Checkpointing recomputes each block in the backward pass; a cache would be written
         # twice, and inference has no backward pass anyway.
         checkpointing = self.gradient_checkpointing and cache is None
-        h = hidden_states
+        h = hidden_states if self.stage is None else self.stage.receive(hidden_states)
         for i, block in enumerate(self.layers):
             mask = chunked if block.uses_rope else full
             run = checkpoint(block) if checkpointing else block
             for repeat in range(self.calls_per_block):
                 layer_cache = cache[i * self.calls_per_block + repeat] if cache else None
                 h = run(h, mask, layer_cache, self._dropout_key())
+        if self.stage is not None:
+            h = self.stage.pass_on(h)
         return self.norm(h)
 
     def _dropout_key(self) -> Optional[mx.array]:
