@@ -39,7 +39,14 @@ def bases(tmp_path_factory) -> dict:
         (data / f"{split}.jsonl").write_text("".join(
             json.dumps({"prompt": f"question {i}", "completion": "an answer"}) + "\n"
             for i in range(count)))
-    return {"hf": hf, "model": model_folder, "adapters": root / "adapters", "data": data}
+    text = root / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("question and an answer, " * 40)
+    (root / "tiny.json").write_text(json.dumps({"num_layers": 1, "num_heads": 2,
+                                                "num_kv_heads": 1, "embed_dim": 16,
+                                                "hidden_dim": 32, "max_seq_len": 64}))
+    return {"hf": hf, "model": model_folder, "adapters": root / "adapters", "data": data,
+            "text": text, "tiny": root / "tiny.json"}
 
 
 # Paths that stay inside the scratch folder whatever they resolve to: the working folder is
@@ -75,6 +82,13 @@ COMMANDS = {
               "--grad-clip", "--seed", "--steps-per-report", "--steps-per-eval", "--val-batches",
               "--save-every", "--adapter-path", "--resume", "--test", "--test-batches",
               "--fine-tune-type", "--mask-prompt", "--grad-checkpoint", "--dtype", "--config"]),
+    "train": (["--config", "{tiny}", "--tokenizer", "{hf}", "--data", "{text}", "--output",
+               "pretrained", "--seq-length", "8", "--batch-size", "2", "--iters", "1", "--quiet"],
+              ["--config", "--tokenizer", "--data", "--output", "--seq-length", "--val-fraction",
+               "--batch-size", "--iters", "--learning-rate", "--min-lr", "--optimizer",
+               "--weight-decay", "--lr-schedule", "--warmup", "--grad-accumulation-steps",
+               "--grad-clip", "--grad-checkpoint", "--seed", "--steps-per-report",
+               "--steps-per-eval", "--val-batches", "--save-every", "--resume"]),
     "fuse": (["--model", "{model}", "--adapter-path", "{adapters}", "--save-path", "out", "--quiet"],
              ["--model", "--adapter-path", "--save-path", "--export-hf", "--dequantize",
               "--force"]),
@@ -95,7 +109,8 @@ PLAUSIBLE = {
     "--steps-per-eval": "1", "--val-batches": "1", "--save-every": "1", "--test-batches": "1",
     "--fine-tune-type": "dora", "--export-hf": "out-hf", "--mlx-path": "out2",
     "--hf-path": "out-hf", "--save-path": "out2", "--model": "{model}", "--data": "{data}",
-    "--prompt": "tell me", "--config": "missing.yaml",
+    "--prompt": "tell me", "--config": "missing.yaml", "--tokenizer": "{hf}",
+    "--output": "out", "--seq-length": "16", "--val-fraction": "0.1", "--min-lr": "1e-5",
 }
 # Flags whose large values are real work rather than bad input: their fuzzed values stay small.
 _SMALL_COUNTS = st.sampled_from(["-1", "0", "1", "3", "x", "2.5", "1e3"])
@@ -126,14 +141,15 @@ USER_FILES = {"work/here/notes.txt": "the user's own file", "work/keep.txt": "an
 def outputs_named(argv: list, cwd: Path, root: Path) -> set:
     """The scratch-relative paths an invocation may write: every argument that names one,
     except the working folder, its parents and the user's files, which nothing may replace.
-    (lora's --adapter-path is the exception: it writes its files into the folder it names,
-    which may be any, and replaces none.)"""
+    (lora's --adapter-path and train's --output are the exception: they write their files
+    into the folder they name, which may be any, and replace none.)"""
     root, cwd = root.resolve(), cwd.resolve()
-    adapter_paths = {value for flag, value in zip(argv, argv[1:]) if flag == "--adapter-path"}
+    into = {"lora": "--adapter-path", "train": "--output"}.get(argv[0])
+    folders = {value for flag, value in zip(argv, argv[1:]) if flag == into}
     named = set()
     for value in argv:
         path = (cwd / value).resolve()
-        writes_into = argv[0] == "lora" and value in adapter_paths
+        writes_into = value in folders
         if value and path.is_relative_to(root) and (writes_into or not cwd.is_relative_to(path)):
             named.add("" if path == root else str(path.relative_to(root)))
     return named - set(USER_FILES)

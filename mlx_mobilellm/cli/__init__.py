@@ -14,7 +14,7 @@ from .running import ArgumentParser, flag_namer, run_reporting_errors
 def _commands() -> list:
     """(name, help, add_arguments, run, aliases): `aliases` maps the library parameters that the
     command's flags set under other names (export's mlx_path is its --model)."""
-    from . import convert, evaluate, fuse, generate, lora, server
+    from . import convert, evaluate, fuse, generate, lora, server, train
 
     return [
         ("generate", "stream text from a model", generate.add_generate_arguments,
@@ -27,6 +27,8 @@ def _commands() -> list:
          convert.add_export_arguments, convert.run_export, {"mlx_path": "model"}),
         ("lora", "fine-tune LoRA / DoRA adapters (QLoRA on quantized models) on JSONL data",
          lora.add_lora_arguments, lora.run_lora, lora.PARAMETER_ALIASES),
+        ("train", "pretrain a model from a preset (or a JSON config) on local text",
+         train.add_train_arguments, train.run_train, train.PARAMETER_ALIASES),
         ("fuse", "merge adapters into the weights → an MLX model folder (and a Hugging Face one)",
          fuse.add_fuse_arguments, fuse.run_fuse, {}),
         ("server", "an OpenAI-compatible HTTP server (chat and text completions)",

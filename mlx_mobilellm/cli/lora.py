@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import reprlib
-import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -313,33 +312,18 @@ def _training_args(s: SimpleNamespace):
 
 
 def save_full_model(model, folder: Path, spec: str, quiet: bool) -> None:
-    """A fully fine-tuned model as an MLX model folder in `folder` itself, beside the metrics
-    and the checkpoint, so that `load(folder)` and `generate --model folder` read it. Staged
-    in a hidden subfolder by the converter's writer, then moved in file by file with
-    config.json last: until then the folder is no model. A run killed meanwhile has its
-    final checkpoint: --resume with the same --iters trains no step and writes it again."""
-    from convert.save import save_model
+    """A fully fine-tuned model as an MLX model folder in `folder`, beside the metrics and
+    the checkpoint (convert.save.save_model_into), with the base model's tokenizer files and
+    export format."""
+    from convert.save import save_model_into
 
-    from ..formats.model_folder import CONFIG_FILE, INDEX_FILE
     from ..formats.sources import open_checkpoint
-    from ..lora import ADAPTER_CONFIG
 
     base = open_checkpoint(spec, quiet=True)  # its tokenizer files and export format
     source_format = base.original_format if base.source_format == "mlx" else base.export_format
-    staging = folder / ".model.tmp"
-    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
     readme = (f"# {folder.name}\n\nMLX model folder written by `mlx-mobilellm lora "
               f"--fine-tune-type full`: `{spec}` with every trained weight.\n")
-    save_model(model, staging, source_format, base, readme=readme, quiet=quiet)
-    (folder / CONFIG_FILE).unlink(missing_ok=True)
-    # An earlier run's weights in other shards (or adapters) would be read together with
-    # these, and its adapter config would send --test and --adapter-path to adapters gone.
-    for old in (*folder.glob("*.safetensors"), folder / INDEX_FILE, folder / ADAPTER_CONFIG):
-        old.unlink(missing_ok=True)
-    names = sorted(p.name for p in staging.iterdir() if p.name != CONFIG_FILE)
-    for name in (*names, CONFIG_FILE):
-        (staging / name).replace(folder / name)
-    staging.rmdir()
+    save_model_into(model, folder, source_format, base, readme, quiet)
 
 
 def run_lora(args: argparse.Namespace) -> None:

@@ -1,5 +1,8 @@
 """The training loop: optimizer and schedule, gradient accumulation and clipping, validation,
-metrics, checkpoints that a later run resumes from, and a stop on NaN."""
+metrics, checkpoints that a later run resumes from, and a stop on NaN.
+
+The loop reads its data through TrainingData, so that fine-tuning on JSONL examples (train)
+and pretraining on a packed token stream (training/packed.py) run the same steps."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,10 +42,12 @@ class TrainingArgs:
     iters: int = 1000
     batch_size: int = 4
     learning_rate: float = 1e-5
+    min_learning_rate: float = 0.0
+    """Where the cosine and linear schedules end."""
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"
-    """cosine, linear (decay to 0 after warmup) or constant."""
+    """cosine, linear (decay to min_learning_rate after warmup) or constant."""
     warmup: int = 0
     grad_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = None
@@ -63,9 +68,9 @@ class TrainingDiverged(ParameterError):
 def learning_rate_schedule(args: TrainingArgs):
     steps = max(args.iters - args.warmup, 1)
     if args.lr_schedule == "cosine":
-        decay = optim.cosine_decay(args.learning_rate, steps)
+        decay = optim.cosine_decay(args.learning_rate, steps, args.min_learning_rate)
     elif args.lr_schedule == "linear":
-        decay = optim.linear_schedule(args.learning_rate, 0.0, steps)
+        decay = optim.linear_schedule(args.learning_rate, args.min_learning_rate, steps)
     elif args.lr_schedule == "constant":
         decay = lambda step: mx.array(args.learning_rate)  # noqa: E731
     else:
@@ -108,6 +113,34 @@ def evaluate(model, examples, batch_size: int, pad_id: int, max_batches: Optiona
         total += _loss(model, inputs, labels).item() * counted
         tokens += counted
     return total / max(tokens, 1)
+
+
+@dataclass
+class TrainingData:
+    """What the loop trains on. micro_batches(start): the (inputs, labels) micro-batches from
+    micro-batch number `start` on, the same ones whenever asked, so that a resumed run sees
+    what an uninterrupted one would. validate(model), if given: the validation metrics
+    ({"val_loss": ...}, VALIDATION_LABELS' keys) of the model in eval mode."""
+    micro_batches: Callable[[int], Iterator]
+    validate: Optional[Callable[[nn.Module], dict]] = None
+
+
+# How the progress output names the validation metrics.
+VALIDATION_LABELS = {"val_loss": "validation loss", "val_perplexity": "perplexity"}
+
+
+def example_data(datasets: dict, args: TrainingArgs, pad_id: int) -> TrainingData:
+    """TrainingData over JSONL examples ({split: [Example]}): length-grouped batches, and the
+    mean loss over the "valid" split when there is one."""
+    def micro_batches(start):
+        return iterate_batches(datasets["train"], args.batch_size, pad_id, args.seed,
+                               start_step=start)
+
+    def validate(model):
+        return {"val_loss": evaluate(model, datasets["valid"], args.batch_size, pad_id,
+                                     args.val_batches)}
+
+    return TrainingData(micro_batches, validate if "valid" in datasets else None)
 
 
 def _save_checkpoint(folder: Path, model, optimizer, step: int, adapter_config: dict,
@@ -275,6 +308,14 @@ def _log(folder: Path, record: dict) -> None:
 
 def train(model, datasets: dict, args: TrainingArgs, adapter_path, adapter_config: dict,
           pad_id: int, resume: bool = False) -> dict:
+    """Train the model's trainable parameters on JSONL examples ({split: [Example]}, "train"
+    and optionally "valid"); see train_on."""
+    return train_on(model, example_data(datasets, args, pad_id), args, adapter_path,
+                    adapter_config, resume)
+
+
+def train_on(model, data: TrainingData, args: TrainingArgs, adapter_path,
+             adapter_config: dict, resume: bool = False) -> dict:
     """Train the model's trainable parameters; return the last metrics. They are saved to
     adapter_path's checkpoint (with the optimizer state) every save_every steps, and adapters
     also beside it at the end; a "full" fine-tune leaves the trained model to its caller to
@@ -304,19 +345,17 @@ def train(model, datasets: dict, args: TrainingArgs, adapter_path, adapter_confi
     elif main:
         (folder / METRICS_FILE).unlink(missing_ok=True)
     try:
-        return _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state,
-                            group)
+        return _train_steps(model, data, args, folder, adapter_config, optimizer, state, group)
     finally:
         _clear_dropout_keys(model)
 
 
-def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimizer, state,
+def _train_steps(model, data: TrainingData, args, folder, adapter_config, optimizer, state,
                  group) -> dict:
     start, main = state["step"], distributed.is_main(group)
 
     training_step = TrainingStep(model, optimizer, args, group)
-    micro_batches = iterate_batches(datasets["train"], args.batch_size, pad_id, args.seed,
-                                    start_step=start * args.grad_accumulation_steps)
+    micro_batches = data.micro_batches(start * args.grad_accumulation_steps)
     from tqdm import tqdm
 
     bar = tqdm(total=args.iters, initial=start, disable=args.quiet, desc="training")
@@ -356,13 +395,14 @@ def _train_steps(model, datasets, args, folder, adapter_config, pad_id, optimize
                             mem_gb=f"{last['peak_memory_gb']:.2f}")
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         evaluating = step % args.steps_per_eval == 0 or step == args.iters
-        if main and "valid" in datasets and evaluating:
+        if main and data.validate is not None and evaluating:
             model.eval()
-            val = evaluate(model, datasets["valid"], args.batch_size, pad_id, args.val_batches)
+            record = data.validate(model)
             model.train()
-            _log(folder, {"step": step, "val_loss": val})
+            _log(folder, {"step": step, **record})
             if not args.quiet:
-                bar.write(f"step {step}: validation loss {val:.3f}")
+                bar.write(f"step {step}: " + ", ".join(f"{VALIDATION_LABELS[k]} {v:.3f}"
+                                                       for k, v in record.items()))
         if step % args.save_every == 0 or step == args.iters:
             if main:
                 _save_checkpoint(folder, model, optimizer, step, adapter_config,
