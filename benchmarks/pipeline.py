@@ -144,7 +144,7 @@ def main():
     one = runs.get("1", {})
     summary = {}
     for ranks, figures in runs.items():
-        if ranks == "1" or "error" in one or "error" in figures:
+        if ranks == "1" or not one or "error" in one or "error" in figures:
             continue
         summary[f"decode_ratio_{ranks}_over_1"] = round(
             figures["generation_tps_median"] / one["generation_tps_median"], 3)
