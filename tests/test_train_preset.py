@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -257,6 +258,21 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_one(uninterrupted, tiny_conf
     for key in ("train_loss", "val_loss", "val_perplexity", "learning_rate"):
         assert_close_pairs(losses(metrics, key), losses(reference_metrics, key), 1e-6)
     assert_close_trees(saved_weights(output), saved_weights(reference), 1e-6)
+
+
+def test_resuming_with_another_config_is_refused_in_one_line(uninterrupted, tiny_config,
+                                                            tokenizer_folder, corpus, tmp_path,
+                                                            capsys):
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], output)
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({**TINY, "embed_dim": 96}))
+    before = {p: p.stat().st_mtime_ns for p in output.rglob("*")}
+    status, _, err = cli(capsys, "train", "--config", wider, "--tokenizer", tokenizer_folder,
+                         "--data", corpus, "--output", output, *RUN, "--resume")
+    assert status == 1 and err.count("\n") == 1
+    assert "another model config" in err and "adapter_config.json" in err
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*")} == before  # nothing touched
 
 
 def test_gradient_checkpointing_gives_the_same_training(uninterrupted, tiny_config,
