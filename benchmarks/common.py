@@ -4,10 +4,13 @@ llama4_text model carrying our weights (the comparison every benchmark makes).""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,6 +53,35 @@ def blas_threads_per_rank(ranks: int, oversubscribe: bool) -> Optional[int]:
     if oversubscribe or "OPENBLAS_NUM_THREADS" in os.environ:
         return None
     return max(1, (os.cpu_count() or 1) // ranks)
+
+
+def run_workers(script: str, ranks: int, settings: dict, timeout: float, threads: Optional[int],
+                marker: str) -> dict:
+    """Run `script --worker SETTINGS_JSON` on `ranks` local ranks (launched), each with
+    OPENBLAS_NUM_THREADS=threads (None: as it is): {"records": the JSON each rank printed after
+    `marker`, "wall_s", "openblas_num_threads", "output": the output's tail, to show when
+    records are missing}, or
+    {"error"} on a timeout. The ranks' stderr (progress) is passed on."""
+    command = launched(ranks, [sys.executable, str(Path(script).resolve()), "--worker",
+                               json.dumps(settings)])
+    env = dict(os.environ)
+    if threads:
+        env["OPENBLAS_NUM_THREADS"] = str(threads)
+    log(f"{ranks} rank(s): {'plain process' if ranks == 1 else 'mlx.launch'}, "
+        f"OPENBLAS_NUM_THREADS={env.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                                check=False)  # a failed rank is read from the output
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    wall = time.perf_counter() - start
+    sys.stderr.write(result.stderr)
+    records = [json.loads(line[len(marker):]) for line in result.stdout.splitlines()
+               if line.startswith(marker)]
+    return {"records": records, "wall_s": wall,
+            "openblas_num_threads": env.get("OPENBLAS_NUM_THREADS"),
+            "output": f"exit {result.returncode}: {(result.stdout + result.stderr)[-2000:]}"}
 
 
 def attempt(fn: Callable):

@@ -39,17 +39,14 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import mlx_mobilellm  # noqa: F401 - before mlx.core: it loads a fast BLAS (mlx_mobilellm/blas.py)
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from common import blas_threads_per_rank, launched, log, machine
+from common import blas_threads_per_rank, log, machine, run_workers
 from mlx_mobilellm.lora import DEFAULT_TARGETS, apply_adapters
 from mlx_mobilellm.models import MobileLLM, get_mobilellm_config
 from mlx_mobilellm.training import distributed
@@ -111,33 +108,20 @@ def worker(settings: dict) -> None:
 
 
 def launch(ranks: int, settings: dict, timeout: float, blas_threads) -> dict:
-    """Run the worker on `ranks` local ranks (common.launched); its figures, or the error:
+    """Run the worker on `ranks` local ranks (common.run_workers); its figures, or the error:
     rank 0's result line is what says it worked."""
-    command = launched(ranks, [sys.executable, str(Path(__file__).resolve()), "--worker",
-                               json.dumps(settings)])
-    env = dict(os.environ)
-    if blas_threads:
-        env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
-    log(f"{ranks} rank(s): {'plain process' if ranks == 1 else 'mlx.launch'}, "
-        f"OPENBLAS_NUM_THREADS={env.get('OPENBLAS_NUM_THREADS', 'unset')} ({settings['batch']} x "
-        f"{settings['tokens']} tokens, {settings['warmup']} + {settings['steps']} steps)")
-    start = time.perf_counter()
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                                check=False)  # a failed rank is read from the output
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    wall = time.perf_counter() - start
-    sys.stderr.write(result.stderr)
-    lines = [line for line in result.stdout.splitlines() if line.startswith(MARKER)]
-    if not lines:
-        return {"error": f"no result from rank 0 (exit {result.returncode}): "
-                         f"{(result.stdout + result.stderr)[-2000:]}"}
-    figures = json.loads(lines[-1][len(MARKER):])
+    log(f"{settings['batch']} x {settings['tokens']} tokens, {settings['warmup']} + "
+        f"{settings['steps']} steps")
+    run = run_workers(__file__, ranks, settings, timeout, blas_threads, MARKER)
+    if "error" in run:
+        return run
+    if not run["records"]:
+        return {"error": f"no result from rank 0 ({run['output']})"}
+    figures, wall = run["records"][-1], run["wall_s"]
     median = statistics.median(figures["step_s"])
     targets = settings["batch"] * settings["tokens"]
     figures.update(launcher="plain process" if ranks == 1 else "mlx.launch --backend ring",
-                   openblas_num_threads=env.get("OPENBLAS_NUM_THREADS"),
+                   openblas_num_threads=run["openblas_num_threads"],
                    step_s_median=round(median, 4), step_s=[round(t, 4) for t in figures["step_s"]],
                    tokens_per_s=round(targets / median, 1),
                    launch_wall_s=round(wall, 1))  # start-up, model, compile and every step

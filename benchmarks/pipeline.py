@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import mlx_mobilellm  # noqa: F401 - before mlx.core: it loads a fast BLAS (mlx_mobilellm/blas.py)
 import mlx.core as mx
 
-from common import blas_threads_per_rank, launched, log, machine
+from common import blas_threads_per_rank, log, machine, run_workers
 
 MARKER = "PIPELINE-BENCHMARK-RESULT "
 
@@ -72,26 +68,14 @@ def worker(settings: dict) -> None:
 
 
 def run(ranks: int, settings: dict, timeout: float, threads) -> dict:
-    """The figures of every rank of one launch, or the error."""
-    command = launched(ranks, [sys.executable, str(Path(__file__).resolve()), "--worker",
-                               json.dumps(settings)])
-    env = dict(os.environ)
-    if threads:
-        env["OPENBLAS_NUM_THREADS"] = str(threads)
-    log(f"{ranks} process(es), OPENBLAS_NUM_THREADS={env.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                                check=False)  # a failed rank is read from the output
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    sys.stderr.write(result.stderr)
-    ranks_seen = [json.loads(line[len(MARKER):]) for line in result.stdout.splitlines()
-                  if line.startswith(MARKER)]
-    if len(ranks_seen) != ranks:
-        return {"error": f"{len(ranks_seen)} of {ranks} ranks reported (exit "
-                         f"{result.returncode}): {(result.stdout + result.stderr)[-2000:]}"}
-    return {"ranks": sorted(ranks_seen, key=lambda r: r["rank"]),
-            "openblas_num_threads": env.get("OPENBLAS_NUM_THREADS")}
+    """The figures of every rank of one launch (common.run_workers), or the error."""
+    launch = run_workers(__file__, ranks, settings, timeout, threads, MARKER)
+    if "error" in launch:
+        return launch
+    if len(launch["records"]) != ranks:
+        return {"error": f"{len(launch['records'])} of {ranks} ranks reported ({launch['output']})"}
+    return {"ranks": sorted(launch["records"], key=lambda r: r["rank"]),
+            "openblas_num_threads": launch["openblas_num_threads"]}
 
 
 def pooled(rounds: list) -> dict:
