@@ -190,32 +190,48 @@ def settings(args: argparse.Namespace) -> SimpleNamespace:
 MAX_COUNT = 2**63 - 1
 
 
-def _check(values: dict) -> None:
-    def at_least(name, low):
-        if values[name] is not None and values[name] < low:
-            raise CheckpointError(f"--{name.replace('_', '-')} must be at least {low}, "
-                                  f"got {values[name]}")
+def check_training_bounds(values: dict, options, lowest: dict, all_or_count: tuple) -> None:
+    """The bounds the training commands (lora, train) share, the first broken one refused in
+    one line: counts within MLX's 64-bit integers, each of `lowest` ({name: least value}) at
+    least that, each of `all_or_count` -1 (all) or at least 1, a positive and finite learning
+    rate, a seed MLX takes."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
 
-    for option in LORA_OPTIONS:
+    for option in options:
         value = values[option.name]
         counts = option.type is int and option.name != "seed"  # a seed's range: check_seed
         if counts and value is not None and value > MAX_COUNT:
-            raise CheckpointError(f"--{option.name.replace('_', '-')} must be at most 2**63 - 1, "
-                                  f"got {value}")
-
-    for name in ("iters", "batch_size", "lora_rank", "grad_accumulation_steps",
-                 "steps_per_report", "steps_per_eval", "save_every"):
-        at_least(name, 1)
-    at_least("max_seq_length", 2)
-    at_least("warmup", 0)
-    for name in ("num_layers", "val_batches", "test_batches"):
+            raise CheckpointError(f"{flag(option.name)} must be at most 2**63 - 1, got {value}")
+    for name, low in lowest.items():
+        if values[name] is not None and values[name] < low:
+            raise CheckpointError(f"{flag(name)} must be at least {low}, got {values[name]}")
+    for name in all_or_count:
         if values[name] == 0 or values[name] < -1:
-            raise CheckpointError(f"--{name.replace('_', '-')} must be -1 (all) or at least 1, "
-                                  f"got {values[name]}")
+            raise CheckpointError(f"{flag(name)} must be -1 (all) or at least 1, got "
+                                  f"{values[name]}")
     # Written so that NaN, which compares false with everything, is refused too.
     if not 0 < values["learning_rate"] < math.inf:
         raise CheckpointError(f"--learning-rate must be positive and finite, got "
                               f"{values['learning_rate']}")
+    try:
+        from ..sampling import check_seed
+
+        check_seed(values["seed"])
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+
+
+# Every optimizer step and report needs a count of at least one.
+STEP_COUNTS = ("iters", "batch_size", "grad_accumulation_steps", "steps_per_report",
+               "steps_per_eval", "save_every")
+
+
+def _check(values: dict) -> None:
+    check_training_bounds(values, LORA_OPTIONS,
+                          {**dict.fromkeys(STEP_COUNTS + ("lora_rank",), 1), "max_seq_length": 2,
+                           "warmup": 0},
+                          ("num_layers", "val_batches", "test_batches"))
     if values["grad_clip"] is not None and not 0 < values["grad_clip"] < math.inf:
         raise CheckpointError(f"--grad-clip must be positive and finite, got {values['grad_clip']}")
     if not 0 <= values["lora_dropout"] < 1:
@@ -224,12 +240,6 @@ def _check(values: dict) -> None:
         raise CheckpointError(f"--lora-scale must be a finite number, got {values['lora_scale']}")
     if not 0 <= values["weight_decay"] < math.inf:
         raise CheckpointError(f"--weight-decay must be >= 0, got {values['weight_decay']}")
-    try:
-        from ..sampling import check_seed
-
-        check_seed(values["seed"])
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
     if not values["adapter_path"]:  # Path("") is the current directory
         raise CheckpointError("--adapter-path is empty; name the folder for the adapters")
     folder = Path(values["adapter_path"])

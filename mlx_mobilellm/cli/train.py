@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..errors import CheckpointError
-from .lora import LR_SCHEDULES, MAX_COUNT, OPTIMIZERS
+from .lora import LR_SCHEDULES, OPTIMIZERS, STEP_COUNTS, check_training_bounds
 from .options import Option, add_options
 
 TRAIN_OPTIONS = (
@@ -71,20 +71,9 @@ def _flag(name: str) -> str:
 
 def _check(s) -> None:
     """Every flag value, before any work: the first bad one is refused in one line."""
-    for option in TRAIN_OPTIONS:
-        value = getattr(s, option.name)
-        if option.type is int and option.name != "seed" and value > MAX_COUNT:
-            raise CheckpointError(f"{_flag(option.name)} must be at most 2**63 - 1, got {value}")
-    for name, low in (("iters", 1), ("batch_size", 1), ("grad_accumulation_steps", 1),
-                      ("steps_per_report", 1), ("steps_per_eval", 1), ("save_every", 1),
-                      ("seq_length", 2), ("warmup", 0)):
-        if getattr(s, name) < low:
-            raise CheckpointError(f"{_flag(name)} must be at least {low}, got {getattr(s, name)}")
-    if s.val_batches == 0 or s.val_batches < -1:
-        raise CheckpointError(f"--val-batches must be -1 (all) or at least 1, got {s.val_batches}")
-    # Written so that NaN, which compares false with everything, is refused too.
-    if not 0 < s.learning_rate < math.inf:
-        raise CheckpointError(f"--learning-rate must be positive and finite, got {s.learning_rate}")
+    check_training_bounds(vars(s), TRAIN_OPTIONS,
+                          {**dict.fromkeys(STEP_COUNTS, 1), "seq_length": 2, "warmup": 0},
+                          ("val_batches",))
     if s.min_lr is not None and not 0 <= s.min_lr <= s.learning_rate:
         raise CheckpointError(f"--min-lr must be in [0, --learning-rate {s.learning_rate}], "
                               f"got {s.min_lr}")
@@ -93,12 +82,6 @@ def _check(s) -> None:
             raise CheckpointError(f"{_flag(name)} must be >= 0 and finite, got {getattr(s, name)}")
     if not 0 <= s.val_fraction < 1:
         raise CheckpointError(f"--val-fraction must be in [0, 1), got {s.val_fraction}")
-    try:
-        from ..sampling import check_seed
-
-        check_seed(s.seed)
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
     for name in ("output", "data"):
         if not getattr(s, name):  # Path("") is the current directory
             raise CheckpointError(f"{_flag(name)} is empty; name a folder")
